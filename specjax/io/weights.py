@@ -1,0 +1,59 @@
+"""HF-named weight arrays -> a specjax `Llama` module. Every loader ends here.
+
+Names follow HF transformers' Llama (`model.layers.{i}.self_attn.q_proj.weight`,
+...), with matrices in torch's [out, in] layout; specjax stores [in, out] and
+fuses Q/K/V and gate/up, so both conversions live in this one place.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from specjax.models.llama import Llama, LlamaConfig
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  D, q, kv, F = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn
+  shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
+  for i in range(cfg.layers):
+    p = f"model.layers.{i}."
+    shapes.update({
+        p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+        p + "self_attn.q_proj.weight": (q, D), p + "self_attn.k_proj.weight": (kv, D),
+        p + "self_attn.v_proj.weight": (kv, D), p + "self_attn.o_proj.weight": (D, q),
+        p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+        p + "mlp.down_proj.weight": (D, F)})
+  if not cfg.tie_embeddings:
+    shapes["lm_head.weight"] = (cfg.vocab_size, D)
+  return shapes
+
+
+def build_llama(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], source: str) -> Llama:
+  """Checks every tensor's presence and shape, then assembles the module."""
+  shapes = expected_shapes(cfg)
+  missing = [n for n in shapes if n not in tensors]
+  if missing:
+    raise ValueError(f"{source}: missing {len(missing)} weight tensors, e.g. {missing[:3]}; "
+                     "the file is incomplete or not a Llama-family checkpoint")
+  for name, shape in shapes.items():
+    if tuple(tensors[name].shape) != shape:
+      raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                       f"for the config {cfg}")
+  f32 = lambda a: jnp.asarray(np.asarray(a, dtype=np.float32))
+  module = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
+  module.embed.set_value(f32(tensors["model.embed_tokens.weight"]))
+  module.final_norm.set_value(f32(tensors["model.norm.weight"]))
+  if not cfg.tie_embeddings:
+    module.head.set_value(f32(np.asarray(tensors["lm_head.weight"]).T))
+  for i, block in enumerate(module.blocks):
+    t = lambda n: np.asarray(tensors[f"model.layers.{i}.{n}.weight"], dtype=np.float32)
+    block.attn_norm.set_value(f32(t("input_layernorm")))
+    block.mlp_norm.set_value(f32(t("post_attention_layernorm")))
+    block.qkv.set_value(f32(np.concatenate([t("self_attn.q_proj"), t("self_attn.k_proj"), t("self_attn.v_proj")]).T))
+    block.out.set_value(f32(t("self_attn.o_proj").T))
+    block.gate_up.set_value(f32(np.concatenate([t("mlp.gate_proj"), t("mlp.up_proj")]).T))
+    block.down.set_value(f32(t("mlp.down_proj").T))
+  return module

@@ -1,0 +1,168 @@
+"""A Llama-family decoder in Flax NNX: GQA, RoPE, RMSNorm, SwiGLU, tied or untied head.
+
+One forward serves prefill, decode, chain verification and (later) tree
+verification: it takes T new tokens per row with their RoPE positions, writes
+their K/V at slots `cache.lengths[b] + t`, and attends under a mask that is an
+argument ([B, T, S] booleans over cache slots). The default mask is causal over
+slots, which is what chains and prefill need; a tree passes its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from specjax import cache as cache_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int
+  hidden: int
+  layers: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  ffn: int
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  bos_id: int | None = None
+  eos_ids: tuple[int, ...] = ()
+  max_context: int = 8192
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"LlamaConfig.{name}={value!r} must be a positive int")
+    if self.heads % self.kv_heads:
+      raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads} (GQA)")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+
+def _dense(rngs: nnx.Rngs, d_in: int, d_out: int) -> nnx.Param:
+  return nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * d_in**-0.5)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps) * scale).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary embedding, HF "rotate_half" layout. x [B, T, ..., H], positions [B, T]."""
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + (half,))
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def causal_mask(lengths: jax.Array, num_new: int, max_len: int) -> jax.Array:
+  """[B, T, S]: new token t of row b sees slots < lengths[b] + t + 1.
+
+      slot:   0 1 2 3 4 5        (lengths[b] = 3, T = 3)
+      t=0     x x x x . .
+      t=1     x x x x x .
+      t=2     x x x x x x
+  """
+  slots = jnp.arange(max_len)[None, None, :]
+  limit = lengths[:, None, None] + jnp.arange(num_new)[None, :, None]
+  return slots <= limit
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block. Q, K, V are one fused matmul and gate/up another."""
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    self.attn_norm = nnx.Param(jnp.ones((cfg.hidden,), jnp.float32))
+    self.qkv = _dense(rngs, cfg.hidden, q_dim + 2 * kv_dim)
+    self.out = _dense(rngs, q_dim, cfg.hidden)
+    self.mlp_norm = nnx.Param(jnp.ones((cfg.hidden,), jnp.float32))
+    self.gate_up = _dense(rngs, cfg.hidden, 2 * cfg.ffn)
+    self.down = _dense(rngs, cfg.ffn, cfg.hidden)
+
+  def __call__(self, x, positions, k_cache, v_cache, starts, mask):
+    cfg = self.cfg
+    B, T, _ = x.shape
+    G = cfg.heads // cfg.kv_heads
+    q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
+    qkv = h @ self.qkv[...]
+    q = qkv[..., :q_dim].reshape(B, T, cfg.kv_heads, G, cfg.head_dim)
+    k = qkv[..., q_dim:q_dim + kv_dim].reshape(B, T, cfg.kv_heads, cfg.head_dim)
+    v = qkv[..., q_dim + kv_dim:].reshape(B, T, cfg.kv_heads, cfg.head_dim)
+    q = rope(q, positions, cfg.rope_base)
+    k = rope(k, positions, cfg.rope_base)
+    k_cache = cache_lib.write(k_cache, k, starts)
+    v_cache = cache_lib.write(v_cache, v, starts)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_cache) * cfg.head_dim**-0.5
+    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    attn = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_cache).reshape(B, T, q_dim)
+    x = x + attn @ self.out[...]
+    h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps) @ self.gate_up[...]
+    x = x + (jax.nn.silu(h[..., :cfg.ffn]) * h[..., cfg.ffn:]) @ self.down[...]
+    return x, k_cache, v_cache
+
+
+class Llama(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden), jnp.float32) * 0.02)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
+    self.final_norm = nnx.Param(jnp.ones((cfg.hidden,), jnp.float32))
+    self.head = None if cfg.tie_embeddings else _dense(rngs, cfg.hidden, cfg.vocab_size)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """LM head over already-normed hidden states [..., D] -> float32 logits [..., V]."""
+    if self.head is None:
+      return jnp.einsum("...D,VD->...V", hidden, self.embed[...]).astype(jnp.float32)
+    return (hidden @ self.head[...]).astype(jnp.float32)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: cache_lib.KVCache,
+               mask: jax.Array | None = None, *, logit_index: jax.Array | None = None,
+               feature_layers: Sequence[int] = (), layer_limit: int | None = None):
+    """Runs T new tokens per row through the model.
+
+    Args:
+      tokens: [B, T] int32 ids.
+      positions: [B, T] int32 RoPE positions (slot order for chains; depth for trees).
+      cache: K/V are written at slots cache.lengths[b] + t; lengths are NOT
+        advanced (the caller commits what it accepts with cache.advance).
+      mask: [B, T, S] bool, which cache slots each new token sees; default causal.
+      logit_index: optional [B, M] indices into T: only those positions get logits
+        (prefill needs one per row, and the 49k-wide head is expensive).
+      feature_layers: indices of blocks whose output (residual stream) to return.
+      layer_limit: run only the first `layer_limit` blocks (early exit drafts).
+
+    Returns:
+      logits [B, T or M, V] float32, the updated cache, and a dict with
+      "hidden" (final-normed states [B, T, D]) and "layers" ([B, T, len(feature_layers), D]).
+    """
+    cfg = self.cfg
+    B, T = tokens.shape
+    if mask is None:
+      mask = causal_mask(cache.lengths, T, cache.max_len)
+    x = jnp.take(self.embed[...], tokens, axis=0)
+    blocks = list(self.blocks)[:layer_limit]
+    new_k, new_v, feats = list(cache.k), list(cache.v), []
+    for i, block in enumerate(blocks):
+      x, new_k[i], new_v[i] = block(x, positions, cache.k[i], cache.v[i], cache.lengths, mask)
+      if i in feature_layers:
+        feats.append(x)
+    hidden = rms_norm(x, self.final_norm[...], cfg.norm_eps)
+    out = hidden if logit_index is None else jnp.take_along_axis(hidden, logit_index[..., None], axis=1)
+    features = {"hidden": hidden}
+    if feature_layers:
+      features["layers"] = jnp.stack(feats, axis=2)
+    return self.logits(out), cache.replace(k=tuple(new_k), v=tuple(new_v)), features
