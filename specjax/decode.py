@@ -1,0 +1,296 @@
+"""generate(): prefill, then one jitted lax.while_loop of draft -> verify -> accept -> commit.
+
+Autoregressive decoding is the same loop with no drafter (k = 0), so every
+"speculative vs AR" comparison measures only speculation. Shapes are static
+(batch bucket, prompt bucket, cache bucket, k); what changes between calls
+(prompt lengths, max_new_tokens, seeds) is an array, so nothing recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from specjax import cache as cache_lib
+from specjax.drafters.base import Context, Drafter
+from specjax.models.model import Model
+from specjax.sampling import Sampling
+from specjax.verify import accept_chain
+
+
+@struct.dataclass
+class LoopState:
+  cache: cache_lib.KVCache
+  history: jax.Array  # [B, S] prompt + emitted ids
+  logprobs: jax.Array  # [B, S] target log-prob of each emitted id (0 for the prompt)
+  length: jax.Array  # [B] tokens in history; the last is not yet in the cache
+  done: jax.Array  # [B]
+  nan: jax.Array  # [B] a NaN logit was seen (checked mode stops the row)
+  step: jax.Array  # []
+  steps: jax.Array  # [B] verify steps while active
+  emitted_per_step: jax.Array  # [B, max_steps] tokens emitted by each step
+  reached: jax.Array  # [B, max(k,1)] steps where draft position i was examined
+  accepted: jax.Array  # [B, max(k,1)] ... and accepted
+  features: Any
+  feature_start: jax.Array  # [B]
+  dstate: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  graphdef: Any
+  sampling: Sampling
+  drafter: Drafter | None
+  eos_ids: tuple[int, ...]
+  max_steps: int
+  check_nan: bool
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _bucket_batch(b: int) -> int:
+  return 1 << (b - 1).bit_length()
+
+
+def _row_keys(seeds, step, salt):
+  return jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), step), salt))(seeds)
+
+
+def _run(static: _Static, params, dweights, prompt, prompt_len, max_new, seeds, max_len: int):
+  """The whole generation for a padded batch, traced once per static config."""
+  module = nnx.merge(static.graphdef, params)
+  drafter = static.drafter
+  k = drafter.k if drafter else 0
+  feature_layers = drafter.feature_layers if drafter else ()
+  B, P = prompt.shape
+  cache = cache_lib.init_cache(module.cfg.layers, B, max_len, module.cfg.kv_heads, module.cfg.head_dim)
+  positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  # Prefill the whole padded prompt; only slots < prompt_len - 1 count: the last
+  # prompt token is the first input of the loop, which keeps every step alike.
+  _, cache, features = module(prompt, positions, cache, logit_index=jnp.zeros((B, 1), jnp.int32),
+                              feature_layers=feature_layers)
+  cache = cache_lib.advance(cache, prompt_len - 1)
+  history = jnp.zeros((B, max_len), jnp.int32).at[:, :P].set(prompt)
+  ctx = Context(prompt, prompt_len, features, jnp.zeros((B,), jnp.int32))
+  dstate = drafter.init(dweights, ctx, static.sampling, max_len) if drafter else ()
+  # The loop carries the features of the last verify pass ([B, k+1, ...]).
+  features = jax.tree.map(lambda x: jnp.zeros((B, k + 1) + x.shape[2:], x.dtype), features)
+  kk = max(k, 1)
+  state = LoopState(
+      cache=cache, history=history, logprobs=jnp.zeros((B, max_len), jnp.float32), length=prompt_len,
+      done=max_new <= 0, nan=jnp.zeros((B,), bool), step=jnp.int32(0), steps=jnp.zeros((B,), jnp.int32),
+      emitted_per_step=jnp.zeros((B, static.max_steps), jnp.int32), reached=jnp.zeros((B, kk), jnp.int32),
+      accepted=jnp.zeros((B, kk), jnp.int32), features=features, feature_start=jnp.zeros((B,), jnp.int32),
+      dstate=dstate)
+  eos = jnp.asarray(static.eos_ids or (-2,), jnp.int32)
+  rows = jnp.arange(B)
+
+  def body(s: LoopState) -> LoopState:
+    active = ~s.done
+    last = s.history[rows, s.length - 1]
+    if drafter:
+      ctx = Context(s.history, s.length, s.features, s.feature_start)
+      dstate, drafts, q = drafter.propose(dweights, s.dstate, ctx, _row_keys(seeds, s.step, 1), static.sampling)
+    else:
+      dstate, drafts, q = s.dstate, jnp.zeros((B, 0), jnp.int32), None
+    tokens = jnp.concatenate([last[:, None], jnp.maximum(drafts, 0)], axis=1)  # placeholders read as id 0
+    pos = s.cache.lengths[:, None] + jnp.arange(k + 1)[None, :]
+    logits, cache, feats = module(tokens, pos, s.cache, feature_layers=feature_layers)
+    nan = jnp.any(jnp.isnan(logits), axis=(1, 2)) if static.check_nan else jnp.zeros((B,), bool)
+    n_acc, out = accept_chain(logits, drafts, q, static.sampling, _row_keys(seeds, s.step, 2))
+    # Truncate at EOS and at max_new_tokens, both possibly inside the accepted block.
+    j = jnp.arange(k + 1)[None, :]
+    is_eos = jnp.any(out[..., None] == eos, axis=-1) & (j <= n_acc[:, None])
+    eos_at = jnp.min(jnp.where(is_eos, j, k + 1), axis=1)
+    budget = max_new - (s.length - prompt_len)
+    n_emit = jnp.minimum(jnp.minimum(n_acc + 1, budget), eos_at + 1)
+    n_emit = jnp.where(active & ~nan, n_emit, 0)
+    done = s.done | nan | (eos_at < n_emit) | (n_emit >= budget)
+    # Commit: write emitted ids and their log-probs after each row's history.
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.take_along_axis(logp, jnp.maximum(out, 0)[..., None], axis=-1)[..., 0]
+    write = j < n_emit[:, None]
+    idx = jnp.where(write, s.length[:, None] + j, max_len)  # max_len: dropped
+    history = s.history.at[rows[:, None], idx].set(out, mode="drop")
+    logprobs = s.logprobs.at[rows[:, None], idx].set(logp, mode="drop")
+    cache = cache_lib.advance(cache.replace(lengths=s.cache.lengths), n_emit)
+    counted = active & ~nan
+    ii = jnp.arange(kk)[None, :]
+    reached = s.reached + (counted[:, None] & (ii < k) & (ii <= n_acc[:, None]))
+    accepted = s.accepted + (counted[:, None] & (ii < n_acc[:, None]))
+    ctx_next = Context(history, s.length + n_emit, feats, s.length - 1)
+    if drafter:
+      dstate = drafter.update(dweights, dstate, ctx_next, n_acc)
+    return LoopState(
+        cache=cache, history=history, logprobs=logprobs, length=s.length + n_emit, done=done, nan=s.nan | nan,
+        step=s.step + 1, steps=s.steps + counted, emitted_per_step=s.emitted_per_step.at[:, s.step].set(n_emit),
+        reached=reached, accepted=accepted, features=feats,
+        feature_start=s.length - 1, dstate=dstate)
+
+  cond = lambda s: (s.step < static.max_steps) & ~jnp.all(s.done)
+  return jax.lax.while_loop(cond, body, state)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(static: _Static, args, max_len: int):
+  key = (static, max_len, jax.tree.map(lambda a: (a.shape, a.dtype), args[2:]),
+         jax.tree.structure(args[0]), jax.tree.structure(args[1]))
+  if key not in _COMPILED:
+    t0 = time.perf_counter()
+    fn = jax.jit(functools.partial(_run, static, max_len=max_len))
+    _COMPILED[key] = (fn.lower(*args).compile(), time.perf_counter() - t0)
+    return _COMPILED[key][0], _COMPILED[key][1]
+  return _COMPILED[key][0], 0.0
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  """Per row: new tokens only (not the prompt)."""
+
+  tokens: list[list[int]]
+  texts: list[str] | None
+  logprobs: list[np.ndarray]
+  stats: dict
+
+
+def _prepare_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
+  if isinstance(prompts, (str, bytes)) or (isinstance(prompts, Sequence) and prompts
+                                           and isinstance(prompts[0], (int, np.integer))):
+    raise ValueError("prompts must be a list of prompts (strings or lists of ids); wrap a single prompt in a list")
+  prompts = list(prompts) if prompts is not None else []
+  if not prompts:
+    raise ValueError("prompts is empty; pass at least one prompt (a string or a list of token ids)")
+  out = []
+  vocab = model.config.vocab_size
+  for i, p in enumerate(prompts):
+    if isinstance(p, str):
+      if model.tokenizer is None:
+        raise ValueError(f"prompt {i} is a string but the model has no tokenizer; pass token ids")
+      ids = model.tokenizer.encode(model.tokenizer.apply_chat_template(p) if chat else p)
+    else:
+      arr = np.asarray(p)
+      if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"prompt {i} must be a string or a 1-D list of int token ids, got {type(p).__name__} "
+                         f"with dtype {arr.dtype} and shape {arr.shape}")
+      ids = arr.astype(np.int64).tolist()
+    if not ids:
+      raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+      raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
+    out.append(ids)
+  return out
+
+
+def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sampling | None = None,
+             max_new_tokens: int = 128, seed: int | Sequence[int] = 0, *, chat: bool = False,
+             cache_len: int | None = None, check_nan: bool = True) -> GenerateOutput:
+  """Generates up to max_new_tokens per prompt, speculatively when a drafter is given.
+
+  Args:
+    model: target model (`load_model()`).
+    prompts: list of strings (encoded as plain text, or through the chat template
+      when chat=True) or of lists of token ids.
+    drafter: None for autoregressive decoding, or any drafter (`make_drafter`).
+    sampling: the policy; default greedy.
+    max_new_tokens: per-row budget of new tokens (EOS stops a row earlier).
+    seed: one seed for all rows, or one per row. A row's randomness depends only
+      on its seed and step, never on its batch position or neighbours.
+    cache_len: cache slots per row; default: enough for prompt + max_new_tokens + k.
+    check_nan: stop and raise ValueError if the target ever produces NaN logits.
+  """
+  sampling = Sampling() if sampling is None else sampling
+  if not isinstance(sampling, Sampling):
+    raise ValueError(f"sampling must be a specjax.Sampling, got {type(sampling).__name__}")
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+  ids = _prepare_prompts(model, prompts, chat)
+  k = 0
+  if drafter is not None:
+    if not isinstance(drafter, Drafter):
+      raise ValueError(f"drafter must be None or a specjax drafter (make_drafter), got {type(drafter).__name__}")
+    k = drafter.k
+    if drafter.vocab_size is not None and drafter.vocab_size != model.config.vocab_size:
+      raise ValueError(f"drafter vocabulary {drafter.vocab_size} != target vocabulary {model.config.vocab_size}; "
+                       "a drafter must share the target's tokenizer")
+    if (drafter.tokenizer_fingerprint and model.tokenizer is not None
+        and drafter.tokenizer_fingerprint != model.tokenizer.fingerprint()):
+      raise ValueError(f"drafter tokenizer {drafter.tokenizer_fingerprint} differs from the target's "
+                       f"{model.tokenizer.fingerprint()}; build the drafter for this target")
+  seeds = [seed] * len(ids) if isinstance(seed, (int, np.integer)) else list(seed)
+  if len(seeds) != len(ids) or not all(isinstance(s, (int, np.integer)) for s in seeds):
+    raise ValueError(f"seed must be an int or one int per prompt ({len(ids)}), got {seed!r}")
+  longest = max(map(len, ids))
+  need = longest + max_new_tokens + k + 1
+  if cache_len is not None:
+    if need > cache_len:
+      raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + k={k} drafts needs "
+                       f"{need} cache slots > cache_len={cache_len}; shorten the prompt or raise cache_len")
+    max_len = cache_len
+  else:
+    max_len = _round_up(need, 128)
+  if need > model.config.max_context:
+    raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + k={k} needs {need} positions, "
+                     f"beyond the model's context of {model.config.max_context}; shorten the prompt")
+  B = len(ids)
+  Bp, P = _bucket_batch(B), _round_up(longest, 64)
+  prompt = np.zeros((Bp, P), np.int32)
+  plen = np.ones((Bp,), np.int32)
+  budget = np.zeros((Bp,), np.int32)  # padding rows start done
+  for i, row in enumerate(ids):
+    prompt[i, :len(row)] = row
+    plen[i], budget[i] = len(row), max_new_tokens
+  seeds_arr = np.zeros((Bp,), np.uint32)
+  seeds_arr[:B] = np.asarray(seeds, np.int64) % (1 << 32)
+  max_steps = _round_up(max_new_tokens, 32)
+  static = _Static(model.graphdef, sampling, drafter, tuple(model.config.eos_ids), max_steps, check_nan)
+  dweights = drafter.weights if drafter is not None else ()
+  args = (model.params, dweights, jnp.asarray(prompt), jnp.asarray(plen), jnp.asarray(budget), jnp.asarray(seeds_arr))
+  fn, compile_s = _compiled(static, args, max_len)
+  t0 = time.perf_counter()
+  state = jax.block_until_ready(fn(*args))
+  wall = time.perf_counter() - t0
+  return _collect(model, state, ids, k, wall, compile_s)
+
+
+def _collect(model, state: LoopState, ids, k, wall, compile_s) -> GenerateOutput:
+  history, logprobs, length, steps, per_step, reached, accepted, nan = jax.device_get(
+      (state.history, state.logprobs, state.length, state.steps, state.emitted_per_step, state.reached,
+       state.accepted, state.nan))
+  if nan[:len(ids)].any():
+    rows = np.nonzero(nan[:len(ids)])[0].tolist()
+    raise ValueError(f"the target produced NaN logits for rows {rows}; check the model weights and inputs "
+                     "(generation stopped for those rows instead of emitting a wrong token)")
+  tokens, lps, rows = [], [], []
+  for i, row in enumerate(ids):
+    lo, hi = len(row), int(length[i])
+    tokens.append(history[i, lo:hi].tolist())
+    lps.append(logprobs[i, lo:hi])
+    n_steps = int(steps[i])
+    acc_pos = (accepted[i, :k] / np.maximum(reached[i, :k], 1)).tolist() if k else []
+    rows.append({"new_tokens": hi - lo, "steps": n_steps,
+                 "mean_accepted": (hi - lo) / n_steps if n_steps else 0.0,
+                 "accepted_per_step": per_step[i, :n_steps].tolist(),
+                 "acceptance_per_position": acc_pos,
+                 "reached_per_position": reached[i, :k].tolist() if k else [],
+                 "accepted_per_position": accepted[i, :k].tolist() if k else []})
+  total_new = sum(r["new_tokens"] for r in rows)
+  total_steps = sum(r["steps"] for r in rows)
+  reach = np.sum([r["reached_per_position"] for r in rows], axis=0) if k else np.zeros(0)
+  acc = np.sum([r["accepted_per_position"] for r in rows], axis=0) if k else np.zeros(0)
+  stats = {"rows": rows, "wall_s": wall, "compile_s": compile_s, "new_tokens": total_new, "steps": total_steps,
+           "tokens_per_s": total_new / wall if wall > 0 else 0.0,
+           "mean_accepted": total_new / total_steps if total_steps else 0.0,
+           "acceptance_per_position": (acc / np.maximum(reach, 1)).tolist(), "k": k}
+  texts = [model.tokenizer.decode(t) for t in tokens] if model.tokenizer is not None else None
+  return GenerateOutput(tokens, texts, lps, stats)

@@ -1,0 +1,30 @@
+"""Drafters, one module each, all on the protocol in `base`."""
+from __future__ import annotations
+
+from specjax.drafters.base import Context as Context
+from specjax.drafters.base import Drafter as Drafter
+from specjax.drafters.ngram import NGram as NGram
+
+KNOWN = ("none", "ngram", "draft", "layerskip", "eagle1", "eagle3", "eagle2", "mtp", "medusa")
+
+
+def _builders():
+  from specjax.drafters import draft_model
+  return {"ngram": lambda model, k, **o: NGram(k=k, **o),
+          "draft": draft_model.make}
+
+
+def make_drafter(name: str, model, k: int = 5, **options):
+  """Builds a drafter by its CLI name for `model`; "none" gives None (autoregressive)."""
+  if name == "none":
+    return None
+  builders = _builders()
+  if name not in builders:
+    have = ", ".join(n for n in KNOWN if n == "none" or n in builders)
+    missing = ", ".join(n for n in KNOWN if n != "none" and n not in builders)
+    raise ValueError(f"unknown or unavailable drafter {name!r}; available: {have}"
+                     + (f" (not yet implemented: {missing})" if missing else ""))
+  try:
+    return builders[name](model, k, **options)
+  except TypeError as e:
+    raise ValueError(f"bad options for drafter {name!r}: {e}") from e

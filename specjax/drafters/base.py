@@ -1,0 +1,66 @@
+"""The drafter protocol.
+
+A drafter is a frozen, hashable config (static under jit) plus pure functions
+over a pytree state. Its weights travel separately as `drafter.weights` (a
+pytree of arrays passed to jit as an argument, never baked in as constants):
+
+  init(weights, ctx, sampling, max_len)   -> dstate   (ctx.history = padded prompt [B, P])
+  propose(weights, dstate, ctx, keys, sampling) -> (dstate, tokens [B, k], q [B, k, V] | None)
+  update(weights, dstate, ctx, n_acc)     -> dstate   (ctx after the commit)
+
+`ctx` is what the engine knows about each row; nothing in the engine knows
+which drafter it runs, and drafters do not know the loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import struct
+
+
+@struct.dataclass
+class Context:
+  """Per-row view of the sequence, handed to the drafter at each step.
+
+  history[b, :length[b]] are all tokens of row b (prompt + emitted). The last
+  one, history[b, length[b] - 1], is not yet in the target's cache: it is the
+  first token of the next verify pass. `features` are the target's outputs
+  for the tokens of the last forward (prefill or verify), a dict with "hidden"
+  [B, T, D] and, if the drafter asked for `feature_layers`, "layers" [B, T, n, D];
+  `feature_start[b]` is the history index of features[:, 0].
+  """
+
+  history: jax.Array  # [B, S] int32
+  length: jax.Array  # [B] int32
+  features: Any = None
+  feature_start: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Drafter:
+  """Base config. Subclasses are frozen dataclasses; `weights` is excluded from
+  equality and hashing so configs that differ only in weights share one compile."""
+
+  k: int
+  weights: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+  name = "base"
+  vocab_size: int | None = None  # None: any vocabulary (n-gram)
+  tokenizer_fingerprint: str | None = dataclasses.field(default=None, compare=False)
+  feature_layers: tuple[int, ...] = ()
+  needs_q: bool = False  # True when propose returns a (sampled) q
+
+  def __post_init__(self):
+    if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+      raise ValueError(f"k={self.k!r} must be an int >= 1 (the number of drafted tokens per step)")
+
+  def init(self, weights, ctx: Context, sampling, max_len: int):
+    return ()
+
+  def propose(self, weights, dstate, ctx: Context, keys, sampling):
+    raise NotImplementedError
+
+  def update(self, weights, dstate, ctx: Context, n_acc):
+    return dstate
