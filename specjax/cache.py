@@ -52,7 +52,7 @@ def write(layer_cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Arra
   XLA would otherwise clamp the start and overwrite valid slots.
   """
   if layer_cache.shape[0] == 1:  # batch 1: a plain in-place dynamic_update_slice
-    return jax.lax.dynamic_update_slice(layer_cache, new.astype(layer_cache.dtype), (starts[0], 0, 0, 0))
+    return jax.lax.dynamic_update_slice(layer_cache, new.astype(layer_cache.dtype), (0, starts[0], 0, 0))
   upd = lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0))
   return jax.vmap(upd)(layer_cache, new.astype(layer_cache.dtype), starts)
 

@@ -64,32 +64,68 @@ def _row_keys(seeds, step, salt):
   return jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), step), salt))(seeds)
 
 
-def _run(static: _Static, params, dweights, prompt, prompt_len, max_new, seeds, max_len: int):
-  """The whole generation for a padded batch, traced once per static config."""
+def _prefill(static: _Static, params, dweights, prompt, prompt_len, max_new, seeds, max_len: int) -> LoopState:
+  """Prefills the padded prompt and builds the loop state."""
   module = nnx.merge(static.graphdef, params)
   drafter = static.drafter
   k = drafter.k if drafter else 0
-  feature_layers = drafter.feature_layers if drafter else ()
   B, P = prompt.shape
   cache = cache_lib.init_cache(module.cfg.layers, B, max_len, module.cfg.kv_heads, module.cfg.head_dim)
   positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-  # Prefill the whole padded prompt; only slots < prompt_len - 1 count: the last
-  # prompt token is the first input of the loop, which keeps every step alike.
+  # Only slots < prompt_len - 1 count: the last prompt token is the first input
+  # of the loop, which keeps every step alike (and AR is the k = 0 case).
   _, cache, features = module(prompt, positions, cache, logit_index=jnp.zeros((B, 1), jnp.int32),
-                              feature_layers=feature_layers)
+                              feature_layers=drafter.feature_layers if drafter else ())
   cache = cache_lib.advance(cache, prompt_len - 1)
-  history = jnp.zeros((B, max_len), jnp.int32).at[:, :P].set(prompt)
   ctx = Context(prompt, prompt_len, features, jnp.zeros((B,), jnp.int32))
   dstate = drafter.init(dweights, ctx, static.sampling, max_len) if drafter else ()
   # The loop carries the features of the last verify pass ([B, k+1, ...]).
   features = jax.tree.map(lambda x: jnp.zeros((B, k + 1) + x.shape[2:], x.dtype), features)
   kk = max(k, 1)
-  state = LoopState(
-      cache=cache, history=history, logprobs=jnp.zeros((B, max_len), jnp.float32), length=prompt_len,
-      done=max_new <= 0, nan=jnp.zeros((B,), bool), step=jnp.int32(0), steps=jnp.zeros((B,), jnp.int32),
+  return LoopState(
+      cache=cache, history=jnp.zeros((B, max_len), jnp.int32).at[:, :P].set(prompt),
+      logprobs=jnp.zeros((B, max_len), jnp.float32), length=prompt_len, done=max_new <= 0,
+      nan=jnp.zeros((B,), bool), step=jnp.int32(0), steps=jnp.zeros((B,), jnp.int32),
       emitted_per_step=jnp.zeros((B, static.max_steps), jnp.int32), reached=jnp.zeros((B, kk), jnp.int32),
       accepted=jnp.zeros((B, kk), jnp.int32), features=features, feature_start=jnp.zeros((B,), jnp.int32),
       dstate=dstate)
+
+
+def verify_sizes(k: int) -> tuple[int, ...]:
+  """Draft counts the verify pass is compiled for when drafts may be padded.
+
+  A drafter that may propose fewer than k tokens (n-gram without a match)
+  gets the smallest verify that covers every row's proposal, so a step with
+  nothing to check costs one AR forward instead of a (k+1)-token one.
+  """
+  return tuple(sorted({0, min(1, k), min(3, k), k}))
+
+
+def _verify(module, tokens, pos, cache, feature_layers, sizes):
+  """Target forward over [last, drafts] at the smallest size covering the proposals."""
+  k = tokens.shape[1] - 1
+
+  def run(n, tokens, pos, cache):
+    logits, cache, feats = module(tokens[:, :n + 1], pos[:, :n + 1], cache, feature_layers=feature_layers)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, k - n)] + [(0, 0)] * (x.ndim - 2))
+    return pad(logits), cache, jax.tree.map(pad, feats)
+
+  if len(sizes) == 1:
+    return run(sizes[0], tokens, pos, cache)
+  need = jnp.max(jnp.sum(jnp.cumprod(tokens[:, 1:] >= 0, axis=1), axis=1))
+  idx = jnp.searchsorted(jnp.asarray(sizes), need)
+  return jax.lax.switch(idx, [functools.partial(run, n) for n in sizes], tokens, pos, cache)
+
+
+def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_new, seeds) -> LoopState:
+  """Draft -> verify -> accept -> commit until every row is done."""
+  module = nnx.merge(static.graphdef, params)
+  drafter = static.drafter
+  k = drafter.k if drafter else 0
+  feature_layers = drafter.feature_layers if drafter else ()
+  sizes = verify_sizes(k) if drafter is not None and drafter.may_pad else (k,)
+  B, max_len = state.history.shape
+  kk = max(k, 1)
   eos = jnp.asarray(static.eos_ids or (-2,), jnp.int32)
   rows = jnp.arange(B)
 
@@ -99,11 +135,13 @@ def _run(static: _Static, params, dweights, prompt, prompt_len, max_new, seeds, 
     if drafter:
       ctx = Context(s.history, s.length, s.features, s.feature_start)
       dstate, drafts, q = drafter.propose(dweights, s.dstate, ctx, _row_keys(seeds, s.step, 1), static.sampling)
+      drafts = jnp.where(active[:, None], drafts, -1)  # finished rows ask for no verify work
     else:
       dstate, drafts, q = s.dstate, jnp.zeros((B, 0), jnp.int32), None
-    tokens = jnp.concatenate([last[:, None], jnp.maximum(drafts, 0)], axis=1)  # placeholders read as id 0
+    tokens = jnp.concatenate([last[:, None], drafts], axis=1)
     pos = s.cache.lengths[:, None] + jnp.arange(k + 1)[None, :]
-    logits, cache, feats = module(tokens, pos, s.cache, feature_layers=feature_layers)
+    logits, cache, feats = _verify(module, tokens, pos, s.cache, feature_layers, sizes)
+    tokens = jnp.maximum(tokens, 0)
     nan = jnp.any(jnp.isnan(logits), axis=(1, 2)) if static.check_nan else jnp.zeros((B,), bool)
     n_acc, out = accept_chain(logits, drafts, q, static.sampling, _row_keys(seeds, s.step, 2))
     # Truncate at EOS and at max_new_tokens, both possibly inside the accepted block.
@@ -126,14 +164,12 @@ def _run(static: _Static, params, dweights, prompt, prompt_len, max_new, seeds, 
     ii = jnp.arange(kk)[None, :]
     reached = s.reached + (counted[:, None] & (ii < k) & (ii <= n_acc[:, None]))
     accepted = s.accepted + (counted[:, None] & (ii < n_acc[:, None]))
-    ctx_next = Context(history, s.length + n_emit, feats, s.length - 1)
     if drafter:
-      dstate = drafter.update(dweights, dstate, ctx_next, n_acc)
+      dstate = drafter.update(dweights, dstate, Context(history, s.length + n_emit, feats, s.length - 1), n_acc)
     return LoopState(
         cache=cache, history=history, logprobs=logprobs, length=s.length + n_emit, done=done, nan=s.nan | nan,
         step=s.step + 1, steps=s.steps + counted, emitted_per_step=s.emitted_per_step.at[:, s.step].set(n_emit),
-        reached=reached, accepted=accepted, features=feats,
-        feature_start=s.length - 1, dstate=dstate)
+        reached=reached, accepted=accepted, features=feats, feature_start=s.length - 1, dstate=dstate)
 
   cond = lambda s: (s.step < static.max_steps) & ~jnp.all(s.done)
   return jax.lax.while_loop(cond, body, state)
@@ -143,14 +179,18 @@ _COMPILED: dict = {}
 
 
 def _compiled(static: _Static, args, max_len: int):
+  """(prefill, loop) executables for this static config and these shapes, and the compile seconds."""
   key = (static, max_len, jax.tree.map(lambda a: (a.shape, a.dtype), args[2:]),
          jax.tree.structure(args[0]), jax.tree.structure(args[1]))
-  if key not in _COMPILED:
-    t0 = time.perf_counter()
-    fn = jax.jit(functools.partial(_run, static, max_len=max_len))
-    _COMPILED[key] = (fn.lower(*args).compile(), time.perf_counter() - t0)
-    return _COMPILED[key][0], _COMPILED[key][1]
-  return _COMPILED[key][0], 0.0
+  if key in _COMPILED:
+    return _COMPILED[key], 0.0
+  t0 = time.perf_counter()
+  prefill = jax.jit(functools.partial(_prefill, static, max_len=max_len)).lower(*args).compile()
+  state = jax.eval_shape(functools.partial(_prefill, static, max_len=max_len), *args)
+  loop = jax.jit(functools.partial(_loop, static), donate_argnums=(2,)).lower(
+      args[0], args[1], state, *args[3:]).compile()
+  _COMPILED[key] = (prefill, loop)
+  return _COMPILED[key], time.perf_counter() - t0
 
 
 @dataclasses.dataclass
@@ -256,14 +296,16 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
   static = _Static(model.graphdef, sampling, drafter, tuple(model.config.eos_ids), max_steps, check_nan)
   dweights = drafter.weights if drafter is not None else ()
   args = (model.params, dweights, jnp.asarray(prompt), jnp.asarray(plen), jnp.asarray(budget), jnp.asarray(seeds_arr))
-  fn, compile_s = _compiled(static, args, max_len)
+  (prefill, loop), compile_s = _compiled(static, args, max_len)
   t0 = time.perf_counter()
-  state = jax.block_until_ready(fn(*args))
-  wall = time.perf_counter() - t0
-  return _collect(model, state, ids, k, wall, compile_s)
+  state = jax.block_until_ready(prefill(*args))
+  t1 = time.perf_counter()
+  state = jax.block_until_ready(loop(args[0], args[1], state, *args[3:]))
+  t2 = time.perf_counter()
+  return _collect(model, state, ids, k, {"wall_s": t2 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1}, compile_s)
 
 
-def _collect(model, state: LoopState, ids, k, wall, compile_s) -> GenerateOutput:
+def _collect(model, state: LoopState, ids, k, times, compile_s) -> GenerateOutput:
   history, logprobs, length, steps, per_step, reached, accepted, nan = jax.device_get(
       (state.history, state.logprobs, state.length, state.steps, state.emitted_per_step, state.reached,
        state.accepted, state.nan))
@@ -288,8 +330,10 @@ def _collect(model, state: LoopState, ids, k, wall, compile_s) -> GenerateOutput
   total_steps = sum(r["steps"] for r in rows)
   reach = np.sum([r["reached_per_position"] for r in rows], axis=0) if k else np.zeros(0)
   acc = np.sum([r["accepted_per_position"] for r in rows], axis=0) if k else np.zeros(0)
-  stats = {"rows": rows, "wall_s": wall, "compile_s": compile_s, "new_tokens": total_new, "steps": total_steps,
+  wall = times["wall_s"]
+  stats = {"rows": rows, **times, "compile_s": compile_s, "new_tokens": total_new, "steps": total_steps,
            "tokens_per_s": total_new / wall if wall > 0 else 0.0,
+           "decode_step_ms": 1e3 * times["decode_s"] / max(int(state.step), 1),
            "mean_accepted": total_new / total_steps if total_steps else 0.0,
            "acceptance_per_position": (acc / np.maximum(reach, 1)).tolist(), "k": k}
   texts = [model.tokenizer.decode(t) for t in tokens] if model.tokenizer is not None else None

@@ -14,6 +14,18 @@ def _builders():
           "draft": draft_model.make}
 
 
+DEFAULT_K = {"ngram": 5, "draft": 3, "eagle1": 5, "eagle3": 5, "eagle2": 5, "mtp": 3, "medusa": 4, "layerskip": 4}
+
+
+def default_k(name: str) -> int:
+  return DEFAULT_K.get(name, 5)
+
+
+def available() -> tuple[str, ...]:
+  """Drafter names that can be built now ("none" included)."""
+  return ("none",) + tuple(n for n in KNOWN if n in _builders())
+
+
 def make_drafter(name: str, model, k: int = 5, **options):
   """Builds a drafter by its CLI name for `model`; "none" gives None (autoregressive)."""
   if name == "none":

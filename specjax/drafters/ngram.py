@@ -41,6 +41,7 @@ class NGram(Drafter):
   max_n: int = 3
   min_n: int = 1
   name = "ngram"
+  may_pad = True
 
   def __post_init__(self):
     super().__post_init__()

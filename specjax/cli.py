@@ -1,0 +1,123 @@
+"""Command line: python -m specjax {generate,demo,bench,train,audit}."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEMO_PROMPT = ("Summarize in two sentences: Speculative decoding lets a cheap drafter guess several tokens, "
+               "which the large model then checks in a single forward pass. Accepted guesses are kept and "
+               "the first wrong one is replaced, so the output follows the large model exactly.")
+
+
+def _add_sampling(p: argparse.ArgumentParser):
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=0, help="0 = off")
+  p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+  p.add_argument("--seed", type=int, default=0)
+
+
+def _add_model(p: argparse.ArgumentParser):
+  p.add_argument("--model", default=None, help="a .gguf file or HF directory (default: embedded SmolLM2-135M)")
+  p.add_argument("--drafter", default="none", help="none, ngram, draft, eagle1, eagle3, mtp, ...")
+  p.add_argument("--k", type=int, default=None, help="drafted tokens per step (default: the drafter's own)")
+
+
+def _drafter(args, model):
+  import specjax as sj
+  from specjax.drafters import default_k
+  k = args.k if args.k is not None else default_k(args.drafter)
+  return sj.make_drafter(args.drafter, model, k=k)
+
+
+def cmd_generate(args) -> int:
+  import specjax as sj
+  sampling = sj.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+  model = sj.load_model(args.model)
+  drafter = _drafter(args, model)
+  out = sj.generate(model, [args.prompt], drafter=drafter, sampling=sampling, max_new_tokens=args.max_new_tokens,
+                    seed=args.seed, chat=args.chat)
+  st = out.stats
+  if args.json:
+    print(json.dumps({
+        "text": out.texts[0], "tokens": out.tokens[0], "new_tokens": st["new_tokens"], "wall_s": st["wall_s"],
+        "prefill_s": st["prefill_s"], "compile_s": st["compile_s"], "tokens_per_s": st["tokens_per_s"],
+        "drafter": args.drafter, "k": st["k"], "mean_accepted": st["mean_accepted"],
+        "acceptance_per_position": st["acceptance_per_position"],
+        "accepted_per_step": st["rows"][0]["accepted_per_step"], "logprobs": out.logprobs[0].tolist()}))
+  else:
+    print(out.texts[0])
+    print(f"\n[{st['new_tokens']} tokens in {st['wall_s']:.2f} s = {st['tokens_per_s']:.1f} tokens/s; "
+          f"drafter {args.drafter}, mean accepted {st['mean_accepted']:.2f}; compile {st['compile_s']:.1f} s]",
+          file=sys.stderr)
+  return 0
+
+
+def cmd_demo(args) -> int:
+  import specjax as sj
+  from specjax.drafters import available, default_k
+  model = sj.load_model(args.model)
+  print(f"model: {model}")
+  best = next(n for n in ("eagle3", "ngram") if n in available())
+  drafter = sj.make_drafter(best, model, k=default_k(best))
+  prompt = [args.prompt]
+  results = {}
+  for name, d in (("none", None), (best, drafter)):
+    sj.generate(model, prompt, drafter=d, max_new_tokens=args.max_new_tokens, chat=True)  # compile + warm-up
+    results[name] = sj.generate(model, prompt, drafter=d, max_new_tokens=args.max_new_tokens, chat=True)
+  ar, sp = results["none"], results[best]
+  print(f"\nprompt: {args.prompt}\n\n{sp.texts[0]}\n")
+  print(f"autoregressive : {ar.stats['tokens_per_s']:6.1f} tokens/s  ({ar.stats['new_tokens']} tokens)")
+  print(f"{best:<15}: {sp.stats['tokens_per_s']:6.1f} tokens/s  (k={sp.stats['k']}, mean accepted tokens "
+        f"tau={sp.stats['mean_accepted']:.2f})")
+  print(f"speedup        : {sp.stats['tokens_per_s'] / ar.stats['tokens_per_s']:.2f}x   "
+        f"identical to autoregressive: {sp.tokens[0] == ar.tokens[0]}")
+  return 0
+
+
+def cmd_audit(args) -> int:
+  """Greedy identity of a drafter against AR on a few prompts (a quick correctness check)."""
+  import specjax as sj
+  model = sj.load_model(args.model)
+  drafter = _drafter(args, model)
+  prompts = args.prompt or [DEMO_PROMPT, "Write a haiku about the sea.", "List three prime numbers."]
+  ar = sj.generate(model, prompts, max_new_tokens=args.max_new_tokens, chat=True)
+  sp = sj.generate(model, prompts, drafter=drafter, max_new_tokens=args.max_new_tokens, chat=True)
+  same = [a == b for a, b in zip(ar.tokens, sp.tokens)]
+  print(json.dumps({"drafter": args.drafter, "identical": same, "mean_accepted": sp.stats["mean_accepted"]}))
+  return 0 if all(same) else 1
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m specjax", description="Lossless speculative decoding in JAX.")
+  sub = ap.add_subparsers(dest="command", required=True)
+  g = sub.add_parser("generate", help="generate text for one prompt")
+  g.add_argument("--prompt", required=True)
+  g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+  g.add_argument("--max-new-tokens", type=int, default=128)
+  g.add_argument("--json", action="store_true")
+  _add_sampling(g)
+  _add_model(g)
+  g.set_defaults(fn=cmd_generate)
+  d = sub.add_parser("demo", help="AR vs the best available drafter on the embedded model")
+  d.add_argument("--prompt", default=DEMO_PROMPT)
+  d.add_argument("--max-new-tokens", type=int, default=128)
+  d.add_argument("--model", default=None)
+  d.set_defaults(fn=cmd_demo)
+  a = sub.add_parser("audit", help="check greedy speculative output equals autoregressive output")
+  a.add_argument("--prompt", action="append")
+  a.add_argument("--max-new-tokens", type=int, default=64)
+  _add_model(a)
+  a.set_defaults(fn=cmd_audit)
+  for name, module in (("bench", "specjax.harness.cli"), ("train", "specjax.train.cli")):
+    try:
+      mod = __import__(module, fromlist=["add_parser"])
+    except ImportError:
+      continue
+    mod.add_parser(sub)
+  args = ap.parse_args(argv)
+  try:
+    return args.fn(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
