@@ -234,7 +234,8 @@ def _prepare_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
 
 def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sampling | None = None,
              max_new_tokens: int = 128, seed: int | Sequence[int] = 0, *, chat: bool = False,
-             cache_len: int | None = None, check_nan: bool = True) -> GenerateOutput:
+             cache_len: int | None = None, check_nan: bool = True,
+             stop_ids: Sequence[int] | None = None) -> GenerateOutput:
   """Generates up to max_new_tokens per prompt, speculatively when a drafter is given.
 
   Args:
@@ -248,6 +249,8 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
       on its seed and step, never on its batch position or neighbours.
     cache_len: cache slots per row; default: enough for prompt + max_new_tokens + k.
     check_nan: stop and raise ValueError if the target ever produces NaN logits.
+    stop_ids: token ids that end a row (default: the model's EOS ids); the stop
+      token is emitted, nothing after it.
   """
   sampling = Sampling() if sampling is None else sampling
   if not isinstance(sampling, Sampling):
@@ -293,7 +296,8 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
   seeds_arr = np.zeros((Bp,), np.uint32)
   seeds_arr[:B] = np.asarray(seeds, np.int64) % (1 << 32)
   max_steps = _round_up(max_new_tokens, 32)
-  static = _Static(model.graphdef, sampling, drafter, tuple(model.config.eos_ids), max_steps, check_nan)
+  stop = tuple(model.config.eos_ids) if stop_ids is None else tuple(int(t) for t in stop_ids)
+  static = _Static(model.graphdef, sampling, drafter, stop, max_steps, check_nan)
   dweights = drafter.weights if drafter is not None else ()
   args = (model.params, dweights, jnp.asarray(prompt), jnp.asarray(plen), jnp.asarray(budget), jnp.asarray(seeds_arr))
   (prefill, loop), compile_s = _compiled(static, args, max_len)

@@ -57,3 +57,23 @@ def build_llama(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], source: str
     block.gate_up.set_value(f32(np.concatenate([t("mlp.gate_proj"), t("mlp.up_proj")]).T))
     block.down.set_value(f32(t("mlp.down_proj").T))
   return module
+
+
+def to_hf_tensors(module: Llama) -> dict[str, np.ndarray]:
+  """The inverse of build_llama: HF-named [out, in] float32 arrays (for export and tests)."""
+  cfg = module.cfg
+  q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+  a = lambda p: np.asarray(p[...], np.float32)
+  out = {"model.embed_tokens.weight": a(module.embed), "model.norm.weight": a(module.final_norm)}
+  if not cfg.tie_embeddings:
+    out["lm_head.weight"] = a(module.head).T
+  for i, b in enumerate(module.blocks):
+    p = f"model.layers.{i}."
+    qkv, gate_up = a(b.qkv).T, a(b.gate_up).T
+    out.update({
+        p + "input_layernorm.weight": a(b.attn_norm), p + "post_attention_layernorm.weight": a(b.mlp_norm),
+        p + "self_attn.q_proj.weight": qkv[:q_dim], p + "self_attn.k_proj.weight": qkv[q_dim:q_dim + kv_dim],
+        p + "self_attn.v_proj.weight": qkv[q_dim + kv_dim:], p + "self_attn.o_proj.weight": a(b.out).T,
+        p + "mlp.gate_proj.weight": gate_up[:cfg.ffn], p + "mlp.up_proj.weight": gate_up[cfg.ffn:],
+        p + "mlp.down_proj.weight": a(b.down).T})
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
