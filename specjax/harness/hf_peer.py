@@ -1,0 +1,103 @@
+"""The HF transformers peer: the same GGUF, the same prompt ids, timed in the same process.
+
+torch and transformers are an optional extra (`pip install -e '.[hf]'`) and are
+imported only when the peer is built. Methods:
+
+  hf-greedy          model.generate(do_sample=False)            (or sampling at T > 0)
+  hf-prompt-lookup   model.generate(prompt_lookup_num_tokens=N)  (HF's n-gram drafting)
+  hf-assisted        model.generate(assistant_model=draft)       (only with a draft model)
+
+Generation stops at the target's EOS ids, as specjax does, and the EOS token is
+counted among the new tokens (specjax counts it too). Verify steps are counted
+with a forward hook on the target (one forward = one step that emits >= 1 token,
+the prefill included, as in specjax where the prefill's token comes from step 1).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+INSTALL_HINT = ("--compare-hf needs torch and transformers (+ accelerate for GGUF): install the optional extra "
+                "with  pip install -e '.[hf]'  (from the specjax checkout; torch CPU: pip install torch==2.13.0)")
+
+METHODS = ("hf-greedy", "hf-prompt-lookup")
+
+
+def require_hf():
+  """Imports torch and transformers, or raises ImportError saying how to install them."""
+  try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+  except ImportError as e:
+    raise ImportError(f"{INSTALL_HINT} ({e})") from None
+  import importlib.util
+  if importlib.util.find_spec("accelerate") is None:
+    raise ImportError(f"{INSTALL_HINT} (accelerate is missing)")
+  return torch, transformers
+
+
+class HFPeer:
+  """A transformers model on CPU, float32, with `threads` torch threads."""
+
+  def __init__(self, model_path: str, eos_ids: Sequence[int], threads: int = 2, prompt_lookup: int = 10,
+               max_matching_ngram: int = 2, assistant_path: str | None = None):
+    torch, transformers = require_hf()
+    self.torch = torch
+    torch.set_num_threads(threads)
+    self.model = _load(transformers, torch, model_path)
+    self.assistant = _load(transformers, torch, assistant_path) if assistant_path else None
+    self.eos_ids = [int(e) for e in eos_ids]
+    self.prompt_lookup = prompt_lookup
+    self.max_matching_ngram = max_matching_ngram
+    self.forwards = 0
+    self.model.register_forward_hook(self._count)
+    self.methods = METHODS + (("hf-assisted",) if self.assistant is not None else ())
+    self.versions = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": threads,
+                     "prompt_lookup_num_tokens": prompt_lookup, "max_matching_ngram_size": max_matching_ngram}
+
+  def _count(self, module, inputs, output):
+    self.forwards += 1
+
+  def generate(self, ids: Sequence[int], method: str, max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0) -> dict:
+    """One batch-1 generation -> {tokens, new_tokens, wall_s, steps}."""
+    torch = self.torch
+    x = torch.tensor([list(ids)], dtype=torch.long)
+    kwargs = dict(attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
+                  pad_token_id=self.eos_ids[0])
+    if temperature > 0:
+      kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+      kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if method == "hf-prompt-lookup":
+      kwargs.update(prompt_lookup_num_tokens=self.prompt_lookup, max_matching_ngram_size=self.max_matching_ngram)
+    elif method == "hf-assisted":
+      kwargs.update(assistant_model=self.assistant)
+    elif method != "hf-greedy":
+      raise ValueError(f"unknown HF method {method!r}; known: {', '.join(self.methods)}")
+    torch.manual_seed(seed)
+    self.forwards = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+      out = self.model.generate(x, **kwargs)
+    wall = time.perf_counter() - t0
+    tokens = out[0, x.shape[1]:].tolist()
+    for i, t in enumerate(tokens):  # stop at the first EOS, as specjax does (HF pads after it)
+      if t in self.eos_ids:
+        tokens = tokens[:i + 1]
+        break
+    return {"tokens": tokens, "new_tokens": len(tokens), "wall_s": wall, "steps": max(self.forwards, 1)}
+
+
+def _load(transformers, torch, path: str):
+  path = os.path.abspath(path)
+  if os.path.isdir(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+  elif os.path.isfile(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                              dtype=torch.float32)
+  else:
+    raise FileNotFoundError(f"model path {path!r} does not exist; pass a .gguf file or an HF model directory")
+  model.eval()
+  return model

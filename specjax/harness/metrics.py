@@ -1,0 +1,148 @@
+"""Benchmark arithmetic (BENCHMARKS.md definitions), as small pure functions over run records.
+
+A run record is a dict for one (method, question, turn) with at least
+`drafter, question_id, category, turn, new_tokens, wall_s, tokens, steps`, and for
+speculative methods `accepted_per_step` (tokens emitted by each verify step),
+`reached_per_position` / `accepted_per_position` (counts per draft position).
+
+- speedup = mean over prompts of tokens/s of the method / the same mean for the
+  baseline, over the prompts both ran (Spec-Bench).
+- τ (mean accepted) = tokens emitted / verify steps, pooled over all steps.
+- α_i = accepted at position i / reached position i, pooled; predicted
+  τ = 1 + Σ_i Π_{j<=i} α_j.
+- identical_to_ar = fraction of prompts whose token ids equal the baseline's.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+BASELINE = "none"
+HF_BASELINE = "hf-greedy"
+OVERALL = "overall"
+
+
+def tokens_per_s(new_tokens: int, wall_s: float) -> float:
+  return new_tokens / wall_s if wall_s > 0 else 0.0
+
+
+def mean_tokens_per_s(runs: Iterable[dict]) -> float:
+  """Mean over prompts of (new tokens / wall seconds)."""
+  rates = [tokens_per_s(r["new_tokens"], r["wall_s"]) for r in runs]
+  return float(np.mean(rates)) if rates else 0.0
+
+
+def speedup(method_runs: Sequence[dict], baseline_runs: Sequence[dict]) -> float | None:
+  """Spec-Bench speedup over the prompts both ran: mean tokens/s of the method / mean of the baseline."""
+  base = {_prompt_key(r): r for r in baseline_runs}
+  pairs = [(r, base[_prompt_key(r)]) for r in method_runs if _prompt_key(r) in base]
+  if not pairs:
+    return None
+  denom = mean_tokens_per_s(b for _, b in pairs)
+  return mean_tokens_per_s(m for m, _ in pairs) / denom if denom > 0 else None
+
+
+def mean_accepted(runs: Iterable[dict]) -> float:
+  """τ: tokens emitted per verify step, pooled over every step of every run (AR gives 1)."""
+  runs = list(runs)
+  steps = sum(r["steps"] for r in runs)
+  return sum(r["new_tokens"] for r in runs) / steps if steps else 0.0
+
+
+def acceptance_per_position(runs: Iterable[dict]) -> list[float]:
+  """α_i = P(draft position i accepted | positions < i accepted), pooled over runs."""
+  reached = accepted = None
+  for r in runs:
+    re, ac = np.asarray(r.get("reached_per_position") or [], float), np.asarray(
+        r.get("accepted_per_position") or [], float)
+    if not re.size:
+      continue
+    if reached is None:
+      reached, accepted = np.zeros_like(re), np.zeros_like(ac)
+    if re.shape != reached.shape:
+      raise ValueError(f"runs mix draft lengths {reached.size} and {re.size}; summarise one k at a time")
+    reached, accepted = reached + re, accepted + ac
+  if reached is None:
+    return []
+  return (accepted / np.maximum(reached, 1)).tolist()
+
+
+def predicted_tau(alphas: Sequence[float]) -> float:
+  """Expected tokens per step of a chain: 1 + Σ_i Π_{j<=i} α_j."""
+  return float(1.0 + np.sum(np.cumprod(np.asarray(alphas, float)))) if len(alphas) else 1.0
+
+
+def accepted_length_histogram(runs: Iterable[dict], k: int) -> list[int]:
+  """Counts of steps that emitted 1 .. k+1 tokens (index 0 = 1 token)."""
+  counts = np.zeros(k + 1, int)
+  for r in runs:
+    per_step = np.asarray(r.get("accepted_per_step") or [], int)
+    per_step = per_step[(per_step >= 1) & (per_step <= k + 1)]
+    counts += np.bincount(per_step - 1, minlength=k + 1)[:k + 1]
+  return counts.tolist()
+
+
+def identical_fraction(method_runs: Sequence[dict], baseline_runs: Sequence[dict]) -> float | None:
+  """Fraction of shared prompts whose token ids equal the baseline's."""
+  base = {_prompt_key(r): r["tokens"] for r in baseline_runs}
+  same = [list(r["tokens"]) == list(base[_prompt_key(r)]) for r in method_runs if _prompt_key(r) in base]
+  return sum(same) / len(same) if same else None
+
+
+def _prompt_key(run: dict):
+  return (run["category"], run["question_id"], run["turn"])
+
+
+def summarize_group(runs: Sequence[dict], baseline_runs: Sequence[dict], ar_runs: Sequence[dict] | None,
+                    greedy: bool) -> dict:
+  """The summary entry of one method over one group of prompts."""
+  alphas = acceptance_per_position(runs)
+  wall = sum(r["wall_s"] for r in runs)
+  new = sum(r["new_tokens"] for r in runs)
+  return {
+      "prompts": len(runs),
+      "new_tokens": new,
+      "wall_s": wall,
+      "tokens_per_s": mean_tokens_per_s(runs),
+      "aggregate_tokens_per_s": tokens_per_s(new, wall),
+      "speedup": speedup(runs, baseline_runs),
+      "mean_accepted": mean_accepted(runs),
+      "acceptance_per_position": alphas,
+      "predicted_tau": predicted_tau(alphas) if alphas else None,
+      "identical_to_ar": identical_fraction(runs, ar_runs) if greedy and ar_runs is not None else None,
+  }
+
+
+def summarize(runs: Sequence[dict], greedy: bool = True) -> dict:
+  """summary[method][category | "overall"] for every method in `runs`, plus summary["vs_hf"] when HF ran.
+
+  specjax methods are compared with `none`; HF methods (names starting "hf-")
+  with `hf-greedy` for their speedup and with specjax's `none` for identical_to_ar.
+  """
+  methods = list(dict.fromkeys(r["drafter"] for r in runs))
+  categories = list(dict.fromkeys(r["category"] for r in runs))
+  by = {(m, c): [r for r in runs if r["drafter"] == m and r["category"] == c] for m in methods for c in categories}
+  by.update({(m, OVERALL): [r for r in runs if r["drafter"] == m] for m in methods})
+  summary: dict = {}
+  for m in methods:
+    base = HF_BASELINE if m.startswith("hf-") else BASELINE
+    summary[m] = {}
+    for c in categories + [OVERALL]:
+      if by[(m, c)]:
+        summary[m][c] = summarize_group(by[(m, c)], by.get((base, c), []), by.get((BASELINE, c)), greedy)
+  if any(m.startswith("hf-") for m in methods):
+    summary["vs_hf"] = {c: vs_hf({m: s[c] for m, s in summary.items() if c in s}) for c in categories + [OVERALL]}
+  return summary
+
+
+def vs_hf(entries: dict) -> dict:
+  """specjax's best tokens/s / HF's best tokens/s among the methods of one group."""
+  ours = {m: e["tokens_per_s"] for m, e in entries.items() if not m.startswith("hf-")}
+  theirs = {m: e["tokens_per_s"] for m, e in entries.items() if m.startswith("hf-")}
+  if not ours or not theirs:
+    return {"ratio": None}
+  best, hf_best = max(ours, key=ours.get), max(theirs, key=theirs.get)
+  return {"ratio": ours[best] / theirs[hf_best] if theirs[hf_best] > 0 else None,
+          "specjax_best": best, "specjax_tokens_per_s": ours[best],
+          "hf_best": hf_best, "hf_tokens_per_s": theirs[hf_best]}

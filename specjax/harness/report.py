@@ -1,0 +1,156 @@
+"""report.md and the PNG plots, from a results dict (the contents of results.json)."""
+from __future__ import annotations
+
+import os
+
+from specjax.harness import metrics
+
+PLOTS = ("speedup_by_category.png", "acceptance_per_position.png", "accepted_length_hist.png")
+
+
+def _fmt(x, spec=".2f", none="–"):
+  return none if x is None else format(x, spec)
+
+
+def _methods(results: dict) -> tuple[list[str], list[str]]:
+  summary = results["summary"]
+  names = [m for m in summary if m != "vs_hf"]
+  return [m for m in names if not m.startswith("hf-")], [m for m in names if m.startswith("hf-")]
+
+
+def _categories(results: dict) -> list[str]:
+  return [c for c in results["summary"]["none"] if c != metrics.OVERALL] + [metrics.OVERALL]
+
+
+def markdown(results: dict, command: str | None = None) -> str:
+  s, st, mach = results["summary"], results["settings"], results["machine"]
+  ours, theirs = _methods(results)
+  cats = _categories(results)
+  greedy = st["temperature"] == 0.0
+  lines = ["# specjax benchmark", ""]
+  if command:
+    lines += ["```", command, "```", ""]
+  ks = ", ".join(f"{n} k={k}" for n, k in st["k"].items())
+  lines += [f"Model {st['model']}; {st['prompts']} prompts ({st['questions']} questions, every turn), batch 1, "
+            f"{st['max_new_tokens']} new tokens max, temperature {st['temperature']}, top-p {st['top_p']}, "
+            f"seed {st['seed']}; {ks or 'no drafters'}.",
+            f"Machine: {mach['cpu']}, {mach['cores']} cores, jax {mach['jax']} ({mach['backend']}), {mach['date']}"
+            + (f"; load average {mach['loadavg_start'][0]:.1f} at start, {mach.get('loadavg_end', [0])[0]:.1f} at end"
+               if "loadavg_start" in mach else "") + ".",
+            "", "Speedup = mean over prompts of tokens/s of the method / the same for `none` (Spec-Bench); "
+            "τ = tokens per verify step; compilation excluded.", ""]
+  lines += ["## Speedup × (τ) per category", ""]
+  lines += ["| category | " + " | ".join(ours[1:]) + " | AR tok/s |", "|---" * (len(ours) + 1) + "|"]
+  for c in cats:
+    cells = []
+    for m in ours[1:]:
+      e = s[m].get(c)
+      cells.append("–" if e is None else f"{_fmt(e['speedup'])}× ({_fmt(e['mean_accepted'])})")
+    name = f"**{c}**" if c == metrics.OVERALL else c
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(s['none'][c]['tokens_per_s'], '.1f')} |")
+  lines += ["", "## Overall per method", "",
+            "| method | tokens/s | speedup | τ | predicted τ (from α) | identical to AR | compile s |",
+            "|---|---|---|---|---|---|---|"]
+  for m in ours + theirs:
+    e = s[m][metrics.OVERALL]
+    comp = results.get("compile_s", {}).get(m)
+    lines.append(f"| {m} | {_fmt(e['tokens_per_s'], '.1f')} | {_fmt(e['speedup'])}× | {_fmt(e['mean_accepted'])} | "
+                 f"{_fmt(e['predicted_tau'])} | {_fmt(e['identical_to_ar'], '.0%') if greedy else 'n/a (T>0)'} | "
+                 f"{_fmt(comp, '.1f')} |")
+  if theirs:
+    v = s["vs_hf"]
+    lines += ["", "## specjax vs HF transformers (same GGUF, same prompt ids, same process)", "",
+              f"HF: torch {st['hf']['torch']}, transformers {st['hf']['transformers']}, {st['hf']['threads']} threads, "
+              f"float32, prompt_lookup_num_tokens={st['hf']['prompt_lookup_num_tokens']}. HF speedups are vs "
+              "hf-greedy; identical-to-AR compares with specjax `none`.", "",
+              "| category | specjax best | tok/s | HF best | tok/s | ratio |", "|---|---|---|---|---|---|"]
+    for c in cats:
+      e = v[c]
+      if e.get("ratio") is None:
+        continue
+      name = f"**{c}**" if c == metrics.OVERALL else c
+      lines.append(f"| {name} | {e['specjax_best']} | {e['specjax_tokens_per_s']:.1f} | {e['hf_best']} | "
+                   f"{e['hf_tokens_per_s']:.1f} | {e['ratio']:.2f}× |")
+  if results.get("skipped"):
+    lines += ["", "Skipped:", ""] + [f"- {x}" for x in results["skipped"]]
+  lines += ["", f"Harness wall time {results['bench_wall_s'] / 60:.1f} min (warm-up and compilation included).",
+            "", "Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS), ""]
+  return "\n".join(lines)
+
+
+def plot_all(results: dict, out_dir: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  s = results["summary"]
+  ours, theirs = _methods(results)
+  cats = _categories(results)
+  paths = []
+
+  # 1. Speedup per category (specjax drafters vs none) and tokens/s of every method, HF included.
+  fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 1.0 * len(cats) + 3), 8), constrained_layout=True)
+  x = np.arange(len(cats))
+  drafted = ours[1:]
+  w = 0.8 / max(len(drafted), 1)
+  for i, m in enumerate(drafted):
+    vals = [(s[m].get(c) or {}).get("speedup") or 0.0 for c in cats]
+    ax1.bar(x + (i - (len(drafted) - 1) / 2) * w, vals, w, label=m)
+  ax1.axhline(1.0, color="k", lw=0.8, ls="--")
+  ax1.set_xticks(x, cats, rotation=30, ha="right")
+  ax1.set_ylabel("speedup vs AR (×)")
+  ax1.set_title("specjax speedup per category (Spec-Bench definition)")
+  if drafted:
+    ax1.legend(fontsize=8)
+  allm = ours + theirs
+  w = 0.8 / len(allm)
+  for i, m in enumerate(allm):
+    vals = [(s[m].get(c) or {}).get("tokens_per_s") or 0.0 for c in cats]
+    ax2.bar(x + (i - (len(allm) - 1) / 2) * w, vals, w, label=m, hatch="//" if m.startswith("hf-") else None)
+  ax2.set_xticks(x, cats, rotation=30, ha="right")
+  ax2.set_ylabel("tokens/s (mean over prompts)")
+  ax2.set_title("tokens/s per category, every method" + (" (hatched: HF transformers)" if theirs else ""))
+  ax2.legend(fontsize=8, ncol=2)
+  paths.append(_save(fig, out_dir, PLOTS[0]))
+
+  # 2. Per-position acceptance α_i, with the τ they predict beside the measured τ.
+  fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+  for m in drafted:
+    e = s[m][metrics.OVERALL]
+    a = e["acceptance_per_position"]
+    if a:
+      ax.plot(np.arange(1, len(a) + 1), a, "o-",
+              label=f"{m}: τ measured {e['mean_accepted']:.2f}, predicted {_fmt(e['predicted_tau'])}")
+  ax.set_xlabel("draft position i")
+  ax.set_ylabel("α_i = P(accept i | accepted < i)")
+  ax.set_ylim(0, 1.05)
+  ax.set_title("per-position acceptance (predicted τ = 1 + Σ_i Π_{j≤i} α_j)")
+  if drafted:
+    ax.legend(fontsize=8)
+  paths.append(_save(fig, out_dir, PLOTS[1]))
+
+  # 3. Tokens emitted per verify step.
+  fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+  hists = results.get("histograms", {})
+  width = 0.8 / max(len(hists), 1)
+  for i, (m, counts) in enumerate(hists.items()):
+    counts = np.asarray(counts, float)
+    if counts.sum():
+      xs = np.arange(1, len(counts) + 1) + (i - (len(hists) - 1) / 2) * width
+      ax.bar(xs, counts / counts.sum(), width, label=m)
+  ax.set_xlabel("tokens emitted by a verify step (accepted + 1)")
+  ax.set_ylabel("fraction of steps")
+  ax.set_title("accepted-length histogram")
+  if hists:
+    ax.legend(fontsize=8)
+  paths.append(_save(fig, out_dir, PLOTS[2]))
+  return paths
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+  import matplotlib.pyplot as plt
+  path = os.path.join(out_dir, name)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

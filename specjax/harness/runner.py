@@ -1,0 +1,193 @@
+"""The benchmark loop: batch 1, warm-up first, every method on each prompt before the next prompt.
+
+Interleaving per prompt (with the method order rotated from prompt to prompt)
+makes machine noise hit all methods alike, so the ratios within one run hold
+even on a shared machine. Compilation is excluded from the timed wall seconds
+and reported per method; a prompt that needs a new static shape compiles once
+per method, outside the timing.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from specjax.harness import metrics
+from specjax.harness.questions import Question, prompt_ids
+
+DEFAULT_K_FALLBACK = 5
+
+
+def default_k(name: str) -> int:
+  from specjax import drafters
+  fn = getattr(drafters, "default_k", None)
+  return fn(name) if fn is not None else DEFAULT_K_FALLBACK
+
+
+def available_drafters() -> tuple[str, ...]:
+  from specjax import drafters
+  fn = getattr(drafters, "available", None)
+  return tuple(fn()) if fn is not None else ("none",) + tuple(drafters._builders())
+
+
+def check_drafter_names(names: Sequence[str]) -> list[str]:
+  """Validates names before any model is loaded; `none` (the baseline) is always first."""
+  have = available_drafters()
+  unknown = [n for n in names if n not in have]
+  if unknown:
+    raise ValueError(f"unknown or unavailable drafter(s) {', '.join(map(repr, unknown))}; available: "
+                     f"{', '.join(have)}")
+  return ["none"] + [n for n in dict.fromkeys(names) if n != "none"]
+
+
+def machine_info() -> dict:
+  import jax
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+  except OSError:
+    pass
+  info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+          "python": platform.python_version(), "platform": platform.platform(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  if hasattr(os, "getloadavg"):
+    info["loadavg_start"] = list(os.getloadavg())
+  return info
+
+
+def _spec_record(out, elapsed: float) -> dict:
+  st, row = out.stats, out.stats["rows"][0]
+  wall = max(elapsed - st["compile_s"], 1e-9)  # end to end, as the HF peer is timed, compile excluded
+  return {"new_tokens": row["new_tokens"], "wall_s": wall, "engine_wall_s": st["wall_s"],
+          "compile_s": st["compile_s"], "tokens_per_s": metrics.tokens_per_s(row["new_tokens"], wall),
+          "steps": row["steps"], "mean_accepted": row["mean_accepted"],
+          "accepted_per_step": list(row["accepted_per_step"]),
+          "reached_per_position": list(row["reached_per_position"]),
+          "accepted_per_position": list(row["accepted_per_position"]), "tokens": list(out.tokens[0])}
+
+
+class _Methods:
+  """Runs one method on one prompt and returns a run record (without the prompt's identity)."""
+
+  def __init__(self, model, drafters: dict, sampling, max_new_tokens: int, seed: int, hf=None):
+    self.model, self.drafters, self.sampling = model, drafters, sampling
+    self.max_new_tokens, self.seed, self.hf = max_new_tokens, seed, hf
+    self.names = list(drafters) + (list(hf.methods) if hf is not None else [])
+    self.compile_s = {n: 0.0 for n in self.names}
+
+  def run(self, name: str, ids: list[int]) -> dict:
+    import specjax as sj
+    if name in self.drafters:
+      t0 = time.perf_counter()
+      out = sj.generate(self.model, [ids], drafter=self.drafters[name], sampling=self.sampling,
+                        max_new_tokens=self.max_new_tokens, seed=self.seed)
+      rec = _spec_record(out, time.perf_counter() - t0)
+      self.compile_s[name] += rec["compile_s"]
+      return rec
+    r = self.hf.generate(ids, name, self.max_new_tokens, temperature=self.sampling.temperature,
+                         top_p=self.sampling.top_p, seed=self.seed)
+    return {**r, "tokens_per_s": metrics.tokens_per_s(r["new_tokens"], r["wall_s"]),
+            "mean_accepted": r["new_tokens"] / r["steps"]}
+
+
+def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str], *, sampling=None,
+                  ks: dict | None = None, max_new_tokens: int = 128, seed: int = 0, hf=None,
+                  progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+  """Runs every method on every turn of every question; returns the results dict (see results.json).
+
+  Args:
+    model: a specjax Model with a tokenizer that has `apply_chat_template`.
+    questions: `Question`s (already selected and limited).
+    drafters: drafter names; `none` is added first as the baseline.
+    ks: drafted tokens per step by drafter name (default: the drafter's own default).
+    hf: an `HFPeer` to run beside specjax on the same prompt ids, or None.
+  """
+  import specjax as sj
+  from tqdm.auto import tqdm
+
+  log = log or (lambda s: print(s, file=sys.stderr))
+  sampling = sampling if sampling is not None else sj.Sampling()
+  if model.tokenizer is None:
+    raise ValueError("the benchmark model needs a tokenizer (chat template + encode)")
+  names = check_drafter_names(drafters)
+  ks = {n: (ks or {}).get(n, default_k(n)) for n in names if n != "none"}
+  built = {n: sj.make_drafter(n, model, k=ks[n]) if n != "none" else None for n in names}
+  methods = _Methods(model, built, sampling, max_new_tokens, seed, hf)
+  greedy = sampling.temperature == 0.0
+  t_start = time.perf_counter()
+  machine = machine_info()
+
+  # Warm-up: compile and run each method once on the first prompt (results discarded).
+  warm_ids = prompt_ids(model.tokenizer, questions[0].turns, [])
+  warmup_s = {}
+  for name in methods.names:
+    t0 = time.perf_counter()
+    methods.run(name, warm_ids)
+    warmup_s[name] = time.perf_counter() - t0
+  log("warm-up: " + ", ".join(f"{n} {s:.1f}s" for n, s in warmup_s.items()))
+
+  runs, skipped = [], []
+  longest_k = max(ks.values(), default=0)
+  total = sum(len(q.turns) for q in questions) * len(methods.names)
+  bar = tqdm(total=total, desc="bench", unit="run", disable=not progress, file=sys.stderr)
+  for qi, q in enumerate(questions):
+    answers: list[str] = []
+    for turn in range(1, len(q.turns) + 1):
+      ids = prompt_ids(model.tokenizer, q.turns, answers)
+      if len(ids) + max_new_tokens + longest_k + 1 > model.config.max_context:
+        skipped.append(f"question {q.question_id} ({q.category}) turn {turn}: prompt of {len(ids)} tokens "
+                       f"+ {max_new_tokens} new exceeds the context of {model.config.max_context}")
+        bar.update(len(methods.names) * (len(q.turns) - turn + 1))
+        break
+      shift = (qi + turn) % len(methods.names)  # rotate the order so no method always runs first
+      order = methods.names[shift:] + methods.names[:shift]
+      recs = {}
+      for name in order:
+        bar.set_postfix_str(f"{q.category} q{q.question_id} t{turn} {name}", refresh=False)
+        recs[name] = methods.run(name, ids)
+        bar.update(1)
+      for name in methods.names:
+        runs.append({"drafter": name, "question_id": q.question_id, "category": q.category, "turn": turn,
+                     "prompt_tokens": len(ids), "k": ks.get(name, 0), **recs[name]})
+      # The next turn continues the conversation with the baseline's answer.
+      answers.append(model.tokenizer.decode(recs["none"]["tokens"], skip_special_tokens=True))
+  bar.close()
+  if hasattr(os, "getloadavg"):
+    machine["loadavg_end"] = list(os.getloadavg())
+  return {
+      "settings": {"drafters": names, "k": ks, "temperature": sampling.temperature, "top_k": sampling.top_k,
+                   "top_p": sampling.top_p, "max_new_tokens": max_new_tokens, "seed": seed, "batch": 1,
+                   "model": getattr(model, "name", "model"), "questions": len(questions),
+                   "prompts": len(runs) // max(len(methods.names), 1),
+                   "hf": hf.versions if hf is not None else None,
+                   "timing": "wall_s = end-to-end generate call, compilation excluded (compile_s per method)"},
+      "machine": machine,
+      "compile_s": methods.compile_s,
+      "warmup_s": warmup_s,
+      "bench_wall_s": time.perf_counter() - t_start,
+      "summary": metrics.summarize(runs, greedy=greedy),
+      "histograms": {n: metrics.accepted_length_histogram([r for r in runs if r["drafter"] == n], ks[n])
+                     for n in names if n != "none"},
+      "skipped": skipped,
+      "runs": runs,
+  }
+
+
+def to_jsonable(obj):
+  """numpy scalars/arrays -> Python, recursively (results.json must be plain JSON)."""
+  if isinstance(obj, dict):
+    return {str(k): to_jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [to_jsonable(v) for v in obj]
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  return obj
