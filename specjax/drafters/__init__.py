@@ -9,9 +9,10 @@ KNOWN = ("none", "ngram", "draft", "layerskip", "eagle1", "eagle3", "eagle2", "m
 
 
 def _builders():
-  from specjax.drafters import draft_model
+  from specjax.drafters import draft_model, eagle
   return {"ngram": lambda model, k, **o: NGram(k=k, **o),
-          "draft": draft_model.make}
+          "draft": draft_model.make,
+          "eagle1": eagle.make("eagle1"), "eagle3": eagle.make("eagle3"), "mtp": eagle.make("mtp")}
 
 
 DEFAULT_K = {"ngram": 5, "draft": 3, "eagle1": 5, "eagle3": 5, "eagle2": 5, "mtp": 3, "medusa": 4, "layerskip": 4}

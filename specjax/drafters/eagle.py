@@ -1,0 +1,176 @@
+"""EAGLE-1, EAGLE-3 and MTP drafters: a draft head over the target's own features.
+
+No second target pass: the head reads the features the verify pass already
+computed (`ctx.features`). The head keeps a one-layer KV cache whose entry t is
+its pass over (f_t, x_{t+1}) -- the target feature of history token t and the
+token after it. Invariant after `init`/`update`: entries t <= length - 2 are
+exact (true features), and `dstate.h` is the head's output at t = length - 2,
+whose logits give the first draft.
+
+    update (after verify):  one block pass over the k+1 verified positions
+        t = feature_start .. feature_start + k   (entries past length-2 are junk,
+                                                   overwritten next time)
+    propose:  d_1 from h;  then k-1 single-token passes (h, d_i) -> h', d_{i+1}
+
+Lossless: at T > 0 each draft is sampled from q = warp(draft logits scattered
+over the full vocabulary, -inf outside d2t), the same policy as the target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from specjax import cache as cache_lib
+from specjax.drafters.base import Context, Drafter
+from specjax.models.heads import DraftHead, HeadConfig, draft_to_full, target_tables
+from specjax.models.llama import causal_mask
+from specjax.sampling import sample, warp
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+
+
+@struct.dataclass
+class EagleState:
+  k: jax.Array  # [B, S, K, H] the head block's keys
+  v: jax.Array  # [B, S, K, H]
+  h: jax.Array  # [B, D] head output at history index length - 2
+
+
+def _rows_at(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """x [B, T, ...], idx [B] -> [B, ...]."""
+  return jnp.take_along_axis(x, idx.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle(Drafter):
+  head: HeadConfig | None = None
+  graphdef: Any = None
+  needs_q = True
+
+  @property
+  def name(self) -> str:  # type: ignore[override]
+    return self.head.kind if self.head else "eagle"
+
+  def _module(self, weights) -> DraftHead:
+    return nnx.merge(self.graphdef, weights["head"])
+
+  def _pass(self, module, weights, feat, tokens, positions, dstate, starts):
+    """Block pass over T positions, written at cache slots starts[b] + t."""
+    emb = jnp.take(weights["embed"], tokens, axis=0)
+    mask = causal_mask(starts, tokens.shape[1], dstate.k.shape[1])
+    return module(feat, emb, positions, dstate.k, dstate.v, starts, mask)
+
+  def init(self, weights, ctx: Context, sampling, max_len: int):
+    module = self._module(weights)
+    cfg = self.head.target
+    B, P = ctx.history.shape
+    state = EagleState(k=jnp.zeros((B, max_len, cfg.kv_heads, cfg.head_dim), jnp.float32),
+                       v=jnp.zeros((B, max_len, cfg.kv_heads, cfg.head_dim), jnp.float32),
+                       h=jnp.zeros((B, cfg.hidden), jnp.float32))
+    feat = module.input_features(ctx.features)
+    nxt = jnp.concatenate([ctx.history[:, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    h, k, v = self._pass(module, weights, feat, nxt, positions, state, jnp.zeros((B,), jnp.int32))
+    return EagleState(k=k, v=v, h=_rows_at(h, jnp.maximum(ctx.length - 2, 0)))
+
+  def update(self, weights, dstate: EagleState, ctx: Context, n_acc):
+    module = self._module(weights)
+    T = self.k + 1
+    S = ctx.history.shape[1]
+    feat = module.input_features(ctx.features)
+    idx = ctx.feature_start[:, None] + jnp.arange(T)[None, :]
+    nxt = jnp.take_along_axis(ctx.history, jnp.minimum(idx + 1, S - 1), axis=1)
+    # Keep the window inside the draft cache: rows near the end write no further.
+    starts = jnp.minimum(ctx.feature_start, dstate.k.shape[1] - T)
+    h, k, v = self._pass(module, weights, feat, nxt, idx, dstate, starts)
+    last = jnp.clip(ctx.length - 2 - ctx.feature_start, 0, T - 1)
+    return EagleState(k=k, v=v, h=_rows_at(h, last))
+
+  def propose(self, weights, dstate: EagleState, ctx: Context, keys, sampling):
+    module = self._module(weights)
+    d2t, vocab = weights["d2t"], self.vocab_size
+    B = ctx.length.shape[0]
+    h, k, v = dstate.h[:, None], dstate.k, dstate.v
+    drafts, qs = [], []
+    for i in range(self.k):
+      if i:  # feed back (h, d_i) at history index length - 2 + i
+        slot = jnp.minimum(ctx.length - 2 + i, k.shape[1] - 1)
+        h, k, v = self._pass(module, weights, h, token[:, None], slot[:, None],
+                             dstate.replace(k=k, v=v), slot)
+      logits = module.logits(h[:, 0], weights["w_out"])  # [B, N]
+      if sampling.greedy:
+        token = jnp.take(d2t, jnp.argmax(logits, axis=-1))
+      else:
+        q = warp(draft_to_full(logits, d2t, vocab), sampling)
+        token = jax.vmap(lambda key, p: sample(jax.random.fold_in(key, i), p))(keys, q)
+        qs.append(q)
+      drafts.append(token.astype(jnp.int32))
+    q = jnp.stack(qs, axis=1) if qs else None
+    return dstate.replace(k=k, v=v), jnp.stack(drafts, axis=1), q
+
+  # ---- construction and loading -------------------------------------------------
+
+  @classmethod
+  def from_head(cls, model, head_cfg: HeadConfig, head_params, d2t, k: int = 5) -> "Eagle":
+    """A drafter for target `model` from head parameters (nnx.State) and d2t [N]."""
+    check_target(head_cfg, model.config)
+    module = nnx.eval_shape(lambda: DraftHead(head_cfg, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(module)
+    d2t = jnp.asarray(d2t, jnp.int32)
+    embed, w_out = target_tables(model.params, model.config, d2t)
+    weights = {"head": head_params, "d2t": d2t, "embed": embed, "w_out": w_out}
+    fp = model.tokenizer.fingerprint() if model.tokenizer is not None else None
+    return cls(k=k, weights=weights, vocab_size=model.config.vocab_size, tokenizer_fingerprint=fp,
+               feature_layers=head_cfg.feature_layers, head=head_cfg, graphdef=graphdef)
+
+  @classmethod
+  def load(cls, name: str, model=None, k: int = 5) -> "Eagle":
+    """Loads a shipped head by name (`specjax/weights/<name>`) or from a directory path."""
+    from specjax.io import load_model
+    from specjax.drafters.head_io import load_head
+    if model is None:
+      model = load_model()
+    path = name if os.path.isdir(name) else os.path.join(WEIGHTS_DIR, name)
+    if not os.path.isdir(path):
+      have = sorted(os.listdir(WEIGHTS_DIR)) if os.path.isdir(WEIGHTS_DIR) else []
+      raise FileNotFoundError(f"no draft head {name!r}: not a directory and not a shipped head "
+                              f"(shipped: {', '.join(have) or 'none'})")
+    head_cfg, params, d2t = load_head(path, model.config)
+    return cls.from_head(model, head_cfg, params, d2t, k=k)
+
+
+def head_shapes(cfg) -> dict:
+  return {"hidden": cfg.hidden, "layers": cfg.layers, "vocab_size": cfg.vocab_size}
+
+
+def check_target(head_cfg: HeadConfig, target_cfg) -> None:
+  """Refuses a head trained for another target, naming both shapes."""
+  want, have = head_shapes(head_cfg.target), head_shapes(target_cfg)
+  if want != have or head_cfg.target.heads != target_cfg.heads or head_cfg.target.kv_heads != target_cfg.kv_heads:
+    raise ValueError(f"draft head was trained for a target with {want} (heads {head_cfg.target.heads}/"
+                     f"{head_cfg.target.kv_heads}) but this target has {have} (heads {target_cfg.heads}/"
+                     f"{target_cfg.kv_heads}); use a head trained for this model")
+
+
+def make(kind: str):
+  """Builder for make_drafter: a shipped head by name, or `head=` a path / `Eagle`."""
+  default = {"eagle1": "smollm2-135m-eagle1", "eagle3": "smollm2-135m-eagle3", "mtp": "smollm2-135m-mtp"}[kind]
+
+  def build(model, k, head: str | None = None):
+    d = Eagle.load(head or default, model=model, k=k)
+    if d.head.kind != kind:
+      raise ValueError(f"head {head or default!r} is a {d.head.kind} head, not {kind}")
+    return d
+
+  return build
+
+
+def describe(d: Eagle) -> str:
+  return json.dumps({"kind": d.head.kind, "k": d.k, "draft_vocab": d.head.draft_vocab,
+                     "feature_layers": list(d.head.feature_layers)})
