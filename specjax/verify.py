@@ -43,7 +43,8 @@ def _accept_row(p, drafts, q, key):
     if q is None:
       residual = p_n * (jnp.arange(vocab) != jnp.where(valid[i], drafts[i], -1))
     else:
-      residual = jnp.maximum(p_n - q[i], 0.0)
+      # A placeholder was not drawn from q, so its forced rejection corrects from p itself.
+      residual = jnp.where(valid[i], jnp.maximum(p_n - q[i], 0.0), p_n)
     residual = jnp.where(n_acc < k, residual, p_n)
     # Z = 0 (p == q, or p's whole mass on the rejected token): fall back to p.
     residual = jnp.where(jnp.sum(residual) > 0, residual, p_n)
