@@ -286,7 +286,7 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
     raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + k={k} needs {need} positions, "
                      f"beyond the model's context of {model.config.max_context}; shorten the prompt")
   B = len(ids)
-  Bp, P = _bucket_batch(B), _round_up(longest, 64)
+  Bp, P = _bucket_batch(B), min(_round_up(longest, 64), max_len)  # the padded prompt must fit the cache
   prompt = np.zeros((Bp, P), np.int32)
   plen = np.ones((Bp,), np.int32)
   budget = np.zeros((Bp,), np.int32)  # padding rows start done
