@@ -45,7 +45,26 @@ def smooth_l1(x, y):
   return jnp.where(d < 1.0, 0.5 * d * d, d - 0.5).mean(-1)
 
 
-def head_loss(params, graphdef, frozen: dict, batch: dict, unroll: int, prompt_weight: float = 0.2):
+def unroll(module: DraftHead, frozen: dict, batch: dict, steps: int):
+  """Yields (j, h [B, L, D], logits [B, L, N]) for unroll steps j = 0..steps-1 (see module doc)."""
+  tokens = batch["tokens"]
+  B, L = tokens.shape
+  cfg = module.cfg.target
+  feats = batch["feats"]
+  feat = module.input_features({"layers": feats}) if module.cfg.kind == "eagle3" else feats[:, :, 0]
+  k_cache = jnp.zeros((B, steps * L, cfg.kv_heads, cfg.head_dim), jnp.float32)
+  v_cache = jnp.zeros_like(k_cache)
+  t = jnp.arange(L)[None, :]
+  for j in range(steps):
+    emb = jnp.take(frozen["embed"], _shift(tokens, 1 + j), axis=0)
+    positions = batch["pos0"][:, None] + t + j
+    h, k_cache, v_cache = module(feat, emb, positions, k_cache, v_cache, jnp.full((B,), j * L, jnp.int32),
+                                 ttt_mask(L, j, steps))
+    yield j, h, module.logits(h, frozen["w_out"])
+    feat = h
+
+
+def head_loss(params, graphdef, frozen: dict, batch: dict, unroll_steps: int, prompt_weight: float = 0.2):
   """Mean loss over valid positions and unroll steps, and per-step top-1 accuracy.
 
   batch: feats [B, L, n, D] (input features), hidden [B, L, D] (eagle1 targets),
@@ -54,39 +73,19 @@ def head_loss(params, graphdef, frozen: dict, batch: dict, unroll: int, prompt_w
   frozen: embed [V, D], w_out [D, N], t2d [V] (draft index or -1).
   """
   module: DraftHead = nnx.merge(graphdef, params)
-  kind = module.cfg.kind
   tokens, length = batch["tokens"], batch["length"]
-  B, L = tokens.shape
-  U = unroll
-  cfg = module.cfg.target
-  feats = batch["feats"]
-  if kind == "eagle3":
-    feat = module.input_features({"layers": feats})
-  else:
-    feat = feats[:, :, 0]
-  k_cache = jnp.zeros((B, U * L, cfg.kv_heads, cfg.head_dim), jnp.float32)
-  v_cache = jnp.zeros_like(k_cache)
-  t = jnp.arange(L)[None, :]
+  t = jnp.arange(tokens.shape[1])[None, :]
   total, weight_sum, accs = 0.0, 0.0, []
-  for j in range(U):
-    tok_in = _shift(tokens, 1 + j)
+  for j, h, logits in unroll(module, frozen, batch, unroll_steps):
     label = jnp.take(frozen["t2d"], _shift(tokens, 2 + j))
     valid = t + 2 + j <= length[:, None] - 1
     w = valid * jnp.where(t + 2 + j >= batch["resp_start"][:, None], 1.0, prompt_weight)
-    emb = jnp.take(frozen["embed"], tok_in, axis=0)
-    positions = batch["pos0"][:, None] + t + j
-    h, k_cache, v_cache = module(feat, emb, positions, k_cache, v_cache, jnp.full((B,), j * L, jnp.int32),
-                                 ttt_mask(L, j, U))
-    logits = module.logits(h, frozen["w_out"])
     in_vocab = label >= 0
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(label, 0))
-    loss_j = ce * in_vocab
-    if kind == "eagle1":
-      target = _shift(batch["hidden"], 1 + j)
-      loss_j = smooth_l1(h, target) + 0.1 * loss_j
+    loss_j = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(label, 0)) * in_vocab
+    if module.cfg.kind == "eagle1":
+      loss_j = smooth_l1(h, _shift(batch["hidden"], 1 + j)) + 0.1 * loss_j
     total = total + jnp.sum(loss_j * w)
     weight_sum = weight_sum + jnp.sum(w)
     hit = (jnp.argmax(logits, -1) == label) & in_vocab
     accs.append(jnp.sum(hit * valid) / jnp.maximum(jnp.sum(valid), 1))
-    feat = h
   return total / jnp.maximum(weight_sum, 1.0), jnp.stack(accs)
