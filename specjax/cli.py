@@ -58,8 +58,12 @@ def cmd_demo(args) -> int:
   from specjax.drafters import available, default_k
   model = sj.load_model(args.model)
   print(f"model: {model}")
-  best = next(n for n in ("eagle3", "ngram") if n in available())
-  drafter = sj.make_drafter(best, model, k=default_k(best))
+  for best in (n for n in ("eagle3", "ngram") if n in available()):
+    try:
+      drafter = sj.make_drafter(best, model, k=default_k(best))
+      break
+    except FileNotFoundError as e:  # a learned drafter without shipped weights
+      print(f"({best} unavailable: {e})")
   prompt = [args.prompt]
   results = {}
   for name, d in (("none", None), (best, drafter)):
