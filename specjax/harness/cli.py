@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--questions", default=DEFAULT_QUESTIONS,
                  help="Spec-Bench JSONL (question_id, category, turns); default %(default)s")
   p.add_argument("--drafters", default="none,ngram",
-                 help="comma-separated drafter names; 'none' (the AR baseline) is always run")
+                 help="comma-separated drafter names, or 'all' (every available drafter whose weights exist); "
+                 "'none' (the AR baseline) is always run")
   p.add_argument("--k", default=None, help="drafted tokens per step: 5, or per drafter ngram=5,draft=3 "
                  "(default: each drafter's own)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (identical_to_ar is checked)")
@@ -70,13 +71,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _validate(args) -> tuple[list[str], dict, list[str] | None]:
-  from specjax.harness.runner import check_drafter_names
+  from specjax.harness.runner import available_drafters, check_drafter_names
   if args.max_new_tokens < 1:
     raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
   if args.limit is not None and args.limit < 1:
     raise ValueError(f"--limit {args.limit} must be >= 1")
   drafters = check_drafter_names(_csv(args.drafters))
-  ks = parse_k(args.k, drafters)
+  ks = parse_k(args.k, list(available_drafters()) if "all" in drafters else drafters)
   categories = _csv(args.categories) if args.categories else None
   return drafters, ks, categories
 

@@ -36,9 +36,13 @@ def available_drafters() -> tuple[str, ...]:
 
 
 def check_drafter_names(names: Sequence[str]) -> list[str]:
-  """Validates names before any model is loaded; `none` (the baseline) is always first."""
+  """Validates names before any model is loaded; `none` (the baseline) is always first.
+
+  "all" stands for every available drafter (those whose weights are missing are
+  then skipped when built, instead of failing the run).
+  """
   have = available_drafters()
-  unknown = [n for n in names if n not in have]
+  unknown = [n for n in names if n not in have and n != "all"]
   if unknown:
     raise ValueError(f"unknown or unavailable drafter(s) {', '.join(map(repr, unknown))}; available: "
                      f"{', '.join(have)}")
@@ -117,8 +121,21 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
   if model.tokenizer is None:
     raise ValueError("the benchmark model needs a tokenizer (chat template + encode)")
   names = check_drafter_names(drafters)
+  explicit = set(drafters)
+  if "all" in explicit:
+    names = [n for n in dict.fromkeys(names[:1] + list(available_drafters()) + names[1:]) if n != "all"]
   ks = {n: (ks or {}).get(n, default_k(n)) for n in names if n != "none"}
-  built = {n: sj.make_drafter(n, model, k=ks[n]) if n != "none" else None for n in names}
+  built, unbuilt = {}, []
+  for n in names:
+    try:
+      built[n] = sj.make_drafter(n, model, k=ks[n]) if n != "none" else None
+    except (FileNotFoundError, ValueError) as e:
+      if n in explicit:
+        raise
+      unbuilt.append(f"drafter {n}: {e}")
+      ks.pop(n)
+      log(f"skipping drafter {n}: {e}")
+  names = list(built)
   methods = _Methods(model, built, sampling, max_new_tokens, seed, hf)
   greedy = sampling.temperature == 0.0
   t_start = time.perf_counter()
@@ -175,7 +192,7 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
       "summary": metrics.summarize(runs, greedy=greedy),
       "histograms": {n: metrics.accepted_length_histogram([r for r in runs if r["drafter"] == n], ks[n])
                      for n in names if n != "none"},
-      "skipped": skipped,
+      "skipped": unbuilt + skipped,
       "runs": runs,
   }
 
