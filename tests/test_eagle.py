@@ -157,3 +157,21 @@ def test_head_files_roundtrip_and_refusals(tmp_path):
   os.remove(tmp_path / "corrupt" / "meta.json")
   with pytest.raises(ValueError, match="meta.json is missing"):
     Eagle.load(str(tmp_path / "corrupt"), model=model)
+
+
+def test_shipped_heads_fit_the_size_budget():
+  from specjax.drafters.eagle import WEIGHTS_DIR
+  total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(WEIGHTS_DIR) for f in fs)
+  assert 0 < total < 50 * 2**20, total
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("kind,k", [("eagle3", 5), ("mtp", 3)])
+def test_real_model_greedy_identity_with_shipped_heads(kind, k):
+  model = sj.load_model()
+  d = sj.make_drafter(kind, model, k=k)  # the shipped smollm2-135m-<kind> head
+  prompts = ["What is the capital of France?", "Write a short poem about the sea."]
+  ar = sj.generate(model, prompts, max_new_tokens=32, chat=True)
+  out = sj.generate(model, prompts, drafter=d, max_new_tokens=32, chat=True)
+  assert out.tokens == ar.tokens
+  assert out.stats["mean_accepted"] > 1.5  # a trained head, not a random one

@@ -109,7 +109,7 @@ def init_head(cfg: HeadConfig, model, seed: int = 0, from_target: bool = True) -
 
 
 def make_optimizer(tc: TrainConfig):
-  schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, min(tc.warmup, tc.steps), tc.steps, tc.lr * 0.05)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1), tc.lr * 0.05)
   return optax.chain(optax.clip_by_global_norm(tc.clip),
                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay)), schedule
 
@@ -232,10 +232,16 @@ def run_stage(args) -> int:
   from specjax.drafters.eagle import Eagle
   drafter = Eagle.from_head(model, cfg, trainer.head_state(), trainer.d2t, k=args.k)
   if args.stage == "eval":
-    from specjax.train.evaluate import acceptance
+    from specjax.train.evaluate import acceptance, draft_step_fraction
     with open(os.path.join(args.work_dir, "eval_prompts.json")) as f:
       prompts = json.load(f)
-    print(json.dumps(acceptance(model, drafter, prompts[:8]), indent=1))
+    from specjax.train.data import SkipCounts, encode_prompts
+    ids = encode_prompts(model, prompts, args.max_prompt, SkipCounts())[:args.eval_n]  # short: prefill is slow
+    res = acceptance(model, drafter, ids)
+    res["draft_step"] = draft_step_fraction(model, drafter)
+    print(json.dumps(res, indent=1))
+    with open(os.path.join(args.work_dir, f"eval_{args.drafter}.json"), "w") as f:
+      json.dump(res, f, indent=1)
     return 0
   if args.stage == "export":
     from specjax.drafters.eagle import WEIGHTS_DIR
