@@ -1,6 +1,4 @@
 """generate(): AR vs speculative equivalence, batches, truncation, stats and bad input (tiny models)."""
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +6,6 @@ import pytest
 
 import specjax as sj
 from specjax import testing
-from specjax.drafters.draft_model import DraftModel
 
 V = 64
 
@@ -136,53 +133,4 @@ def test_generation_up_to_a_full_cache(model, prompts):
     sj.generate(model, prompts, drafter=drafter, max_new_tokens=20, cache_len=need - 1)
 
 
-def test_nan_logits_raise_instead_of_emitting(model):
-  bad = dataclasses.replace(model, params=jax.tree.map(lambda x: x * jnp.nan, model.params))
-  with pytest.raises(ValueError, match="NaN logits for rows \\[0\\]"):
-    sj.generate(bad, [[3, 4, 5]], max_new_tokens=4)
-
-
-@pytest.mark.parametrize("prompts_, match", [
-    ([], "prompts is empty"),
-    (None, "prompts is empty"),
-    ([[]], "prompt 0 is empty"),
-    ([[3, 4], [5, V]], f"prompt 1 has token ids outside \\[0, {V}\\): \\[{V}\\]"),
-    ([[3, -1]], "outside"),
-    ([[1.5, 2.5]], "prompt 0 must be a string or a 1-D list of int token ids"),
-    ([3, 4, 5], "wrap a single prompt in a list"),
-    (["text"], "prompt 0 is a string but the model has no tokenizer"),
-])
-def test_bad_prompts(model, prompts_, match):
-  with pytest.raises(ValueError, match=match):
-    sj.generate(model, prompts_, max_new_tokens=4)
-
-
-def test_bad_arguments(model):
-  p = [[3, 4, 5]]
-  with pytest.raises(ValueError, match="max_new_tokens=0 must be an int >= 1"):
-    sj.generate(model, p, max_new_tokens=0)
-  with pytest.raises(ValueError, match="seed must be an int or one int per prompt"):
-    sj.generate(model, p, seed=[1, 2])
-  with pytest.raises(ValueError, match="sampling must be a specjax.Sampling"):
-    sj.generate(model, p, sampling={"temperature": 1.0})
-  with pytest.raises(ValueError, match="beyond the model's context of 1024"):
-    sj.generate(model, [[3] * 1000], max_new_tokens=100)
-  with pytest.raises(ValueError, match="k=0 must be an int >= 1"):
-    sj.make_drafter("ngram", model, k=0)
-  with pytest.raises(ValueError, match="unknown or unavailable drafter 'nope'; available: none, ngram"):
-    sj.make_drafter("nope", model)
-  with pytest.raises(ValueError, match="min_n=3, max_n=2"):
-    sj.make_drafter("ngram", model, k=2, min_n=3, max_n=2)
-  with pytest.raises(ValueError, match="draft layers=9"):
-    sj.make_drafter("draft", model, k=2, layers=9)
-
-
-def test_drafter_for_another_vocabulary_or_tokenizer_is_refused(model):
-  other = testing.tiny_model(seed=8, vocab_size=96)
-  with pytest.raises(ValueError, match="drafter vocabulary 96 != target vocabulary 64"):
-    sj.generate(model, [[3, 4]], drafter=sj.make_drafter("draft", model, k=2, draft=other))
-  big = testing.tiny_model(seed=9, vocab_size=300)  # byte tokenizer
-  d = dataclasses.replace(sj.make_drafter("draft", big, k=2, layers=1), tokenizer_fingerprint="another-tokenizer")
-  with pytest.raises(ValueError, match="drafter tokenizer another-tokenizer differs"):
-    sj.generate(big, [[3, 4]], drafter=d)
-  assert isinstance(d, DraftModel)
+# Bad input (prompts, arguments, drafter mismatches, NaN logits): tests/test_bad_inputs.py.
