@@ -118,7 +118,7 @@ def main(argv=None) -> int:
       mod = __import__(module, fromlist=["add_parser"])
     except ImportError:
       continue
-    mod.add_parser(sub)
+    mod.add_parser(sub).set_defaults(fn=mod.run)
   args = ap.parse_args(argv)
   try:
     return args.fn(args)
