@@ -38,8 +38,13 @@ def propose_ngram(history: jax.Array, length: jax.Array, k: int, max_n: int, min
 
 @dataclasses.dataclass(frozen=True)
 class NGram(Drafter):
+  """Prompt lookup. min_n=2 by default: on SmolLM2's own greedy outputs (4 dev prompts x 7
+  categories, replayed offline with the measured verify cost curve) single-token matches
+  were right too rarely to pay for the wider verify: modelled decode speedup 1.28x mean
+  with min_n=2 vs 1.17x with min_n=1, and writing stayed >= 1.0x only with min_n=2."""
+
   max_n: int = 3
-  min_n: int = 1
+  min_n: int = 2
   name = "ngram"
   may_pad = True
 
