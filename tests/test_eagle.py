@@ -61,7 +61,6 @@ def test_drafts_match_the_training_unroll(kind, layers):
   # The training view: the sequence continues with the drafts; index t = n - 2.
   seq = jnp.concatenate([prompt, drafts], axis=1)
   _, _, f2 = mod(seq, jnp.arange(seq.shape[1])[None], model.new_cache(1, seq.shape[1]), feature_layers=layers)
-  L = seq.shape[1]
   feats_in = f2["layers"] if kind == "eagle3" else f2["hidden"][:, :, None]
   batch = {"feats": feats_in, "tokens": seq, "pos0": jnp.zeros((1,), jnp.int32)}
   frozen = {"embed": d.weights["embed"], "w_out": d.weights["w_out"]}
@@ -70,7 +69,6 @@ def test_drafts_match_the_training_unroll(kind, layers):
     want = jax.nn.softmax(logits[0, n - 2])
     np.testing.assert_allclose(np.asarray(q[0, j, d.weights["d2t"]]), np.asarray(want), atol=2e-5)
     assert float(q[0, j].sum() - q[0, j, d.weights["d2t"]].sum()) == 0.0  # no mass outside d2t
-  del L
 
 
 def _chi2_pvalue(samples, law):

@@ -18,7 +18,6 @@ over the full vocabulary, -inf outside d2t), the same policy as the target.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -26,7 +25,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from specjax import cache as cache_lib
 from specjax.drafters.base import Context, Drafter
 from specjax.models.heads import DraftHead, HeadConfig, draft_to_full, target_tables
 from specjax.models.llama import causal_mask
@@ -146,16 +144,17 @@ class Eagle(Drafter):
 
 
 def head_shapes(cfg) -> dict:
-  return {"hidden": cfg.hidden, "layers": cfg.layers, "vocab_size": cfg.vocab_size}
+  """The target shapes a head depends on."""
+  return {name: getattr(cfg, name) for name in ("hidden", "layers", "vocab_size", "heads", "kv_heads", "head_dim",
+                                                "ffn")}
 
 
 def check_target(head_cfg: HeadConfig, target_cfg) -> None:
   """Refuses a head trained for another target, naming both shapes."""
   want, have = head_shapes(head_cfg.target), head_shapes(target_cfg)
-  if want != have or head_cfg.target.heads != target_cfg.heads or head_cfg.target.kv_heads != target_cfg.kv_heads:
-    raise ValueError(f"draft head was trained for a target with {want} (heads {head_cfg.target.heads}/"
-                     f"{head_cfg.target.kv_heads}) but this target has {have} (heads {target_cfg.heads}/"
-                     f"{target_cfg.kv_heads}); use a head trained for this model")
+  if want != have:
+    raise ValueError(f"draft head was trained for a target with {want} but this target has {have}; "
+                     "use a head trained for this model")
 
 
 def make(kind: str):
@@ -170,7 +169,3 @@ def make(kind: str):
 
   return build
 
-
-def describe(d: Eagle) -> str:
-  return json.dumps({"kind": d.head.kind, "k": d.k, "draft_vocab": d.head.draft_vocab,
-                     "feature_layers": list(d.head.feature_layers)})
