@@ -285,3 +285,12 @@ def test_hf_peer_matches_specjax_greedy_on_the_embedded_model():
     r = peer.generate(ids, method, 24)
     assert r["tokens"] == ours, method
     assert r["steps"] >= 1 and r["new_tokens"] == len(ours)
+
+
+def test_drafter_at_k_labels():
+  assert runner.split_label("ngram@3") == ("ngram", 3) and runner.split_label("ngram") == ("ngram", None)
+  assert runner.check_drafter_names(["ngram@3", "ngram@8"]) == ["none", "ngram@3", "ngram@8"]
+  with pytest.raises(ValueError, match="must be k >= 1"):
+    runner.split_label("ngram@x")
+  with pytest.raises(ValueError, match="unknown or unavailable drafter"):
+    runner.check_drafter_names(["nope@3"])

@@ -35,14 +35,25 @@ def available_drafters() -> tuple[str, ...]:
   return tuple(fn()) if fn is not None else ("none",) + tuple(drafters._builders())
 
 
+def split_label(label: str) -> tuple[str, int | None]:
+  """"ngram@3" -> ("ngram", 3): one drafter at several k in the same run; "ngram" -> ("ngram", None)."""
+  name, sep, k = label.partition("@")
+  if not sep:
+    return name, None
+  if not k.isdigit() or int(k) < 1:
+    raise ValueError(f"drafter {label!r}: the part after '@' must be k >= 1, e.g. ngram@3")
+  return name, int(k)
+
+
 def check_drafter_names(names: Sequence[str]) -> list[str]:
   """Validates names before any model is loaded; `none` (the baseline) is always first.
 
   "all" stands for every available drafter (those whose weights are missing are
-  then skipped when built, instead of failing the run).
+  then skipped when built, instead of failing the run). "name@k" runs a drafter
+  at a given k, so several k of one drafter can be compared in one run.
   """
   have = available_drafters()
-  unknown = [n for n in names if n not in have and n != "all"]
+  unknown = [n for n in names if split_label(n)[0] not in have and n != "all"]
   if unknown:
     raise ValueError(f"unknown or unavailable drafter(s) {', '.join(map(repr, unknown))}; available: "
                      f"{', '.join(have)}")
@@ -124,11 +135,11 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
   explicit = set(drafters)
   if "all" in explicit:
     names = [n for n in dict.fromkeys(names[:1] + list(available_drafters()) + names[1:]) if n != "all"]
-  ks = {n: (ks or {}).get(n, default_k(n)) for n in names if n != "none"}
+  ks = {n: split_label(n)[1] or (ks or {}).get(n, default_k(n)) for n in names if n != "none"}
   built, unbuilt = {}, []
   for n in names:
     try:
-      built[n] = sj.make_drafter(n, model, k=ks[n]) if n != "none" else None
+      built[n] = sj.make_drafter(split_label(n)[0], model, k=ks[n]) if n != "none" else None
     except (FileNotFoundError, ValueError) as e:
       if n in explicit:
         raise
