@@ -57,7 +57,9 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--model", default=None, help="a .gguf file or HF directory (default: embedded SmolLM2-135M)")
   p.add_argument("--compare-hf", action="store_true",
                  help="also run HF transformers (greedy, prompt lookup) on the same GGUF and prompt ids")
-  p.add_argument("--hf-threads", type=int, default=2, help="torch threads for the HF peer")
+  p.add_argument("--hf-threads", default="auto",
+                 help="torch threads for the HF peer: an int, or 'auto' (default): the faster of 1 and 2, "
+                 "timed at warm-up and every few questions (torch's OpenMP pool collapses on a busy machine)")
   p.add_argument("--hf-prompt-lookup", type=int, default=10, help="HF prompt_lookup_num_tokens")
   p.add_argument("--hf-assistant", default=None, help="a draft model (.gguf / HF dir) for HF assisted generation")
   p.add_argument("--no-progress", action="store_true")
@@ -109,7 +111,10 @@ def run(args, model=None) -> int:
   if args.compare_hf:
     from specjax.io import default_model_path
     path = args.model or default_model_path()
-    hf = hf_peer.HFPeer(path, model.config.eos_ids, threads=args.hf_threads, prompt_lookup=args.hf_prompt_lookup,
+    if args.hf_threads != "auto" and not str(args.hf_threads).isdigit():
+      raise ValueError(f"--hf-threads {args.hf_threads!r} must be 'auto' or a positive int")
+    threads = args.hf_threads if args.hf_threads == "auto" else int(args.hf_threads)
+    hf = hf_peer.HFPeer(path, model.config.eos_ids, threads=threads, prompt_lookup=args.hf_prompt_lookup,
                         assistant_path=args.hf_assistant)
   results = run_benchmark(model, questions, drafters, sampling=sampling, ks=ks, max_new_tokens=args.max_new_tokens,
                           seed=args.seed, hf=hf, progress=not args.no_progress)

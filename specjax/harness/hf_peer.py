@@ -7,6 +7,12 @@ imported only when the peer is built. Methods:
   hf-prompt-lookup   model.generate(prompt_lookup_num_tokens=N)  (HF's n-gram drafting)
   hf-assisted        model.generate(assistant_model=draft)       (only with a draft model)
 
+Threads: torch's OpenMP pool degrades badly when the machine is oversubscribed
+(measured here with other jobs running: 3 tokens/s with 2 threads vs 20 with 1).
+With threads="auto" the peer times both 1 and `max_threads` threads on the
+warm-up prompt (and again every few prompts, see `calibrate`) and uses the
+faster, so HF is measured at its best on the machine as it is.
+
 Generation stops at the target's EOS ids, as specjax does, and the EOS token is
 counted among the new tokens (specjax counts it too). Verify steps are counted
 with a forward hook on the target (one forward = one step that emits >= 1 token,
@@ -40,11 +46,15 @@ def require_hf():
 class HFPeer:
   """A transformers model on CPU, float32, with `threads` torch threads."""
 
-  def __init__(self, model_path: str, eos_ids: Sequence[int], threads: int = 2, prompt_lookup: int = 10,
-               max_matching_ngram: int = 2, assistant_path: str | None = None):
+  def __init__(self, model_path: str, eos_ids: Sequence[int], threads: int | str = "auto", prompt_lookup: int = 10,
+               max_matching_ngram: int = 2, assistant_path: str | None = None, max_threads: int = 2):
     torch, transformers = require_hf()
     self.torch = torch
-    torch.set_num_threads(threads)
+    if threads != "auto" and (not isinstance(threads, int) or threads < 1):
+      raise ValueError(f"threads={threads!r} must be 'auto' or an int >= 1")
+    self.auto = threads == "auto"
+    self.thread_choices = tuple(sorted({1, max_threads}))
+    torch.set_num_threads(max_threads if self.auto else threads)
     self.model = _load(transformers, torch, model_path)
     self.assistant = _load(transformers, torch, assistant_path) if assistant_path else None
     self.eos_ids = [int(e) for e in eos_ids]
@@ -53,8 +63,27 @@ class HFPeer:
     self.forwards = 0
     self.model.register_forward_hook(self._count)
     self.methods = METHODS + (("hf-assisted",) if self.assistant is not None else ())
-    self.versions = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": threads,
-                     "prompt_lookup_num_tokens": prompt_lookup, "max_matching_ngram_size": max_matching_ngram}
+    self.versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "threads": torch.get_num_threads(), "thread_mode": "auto" if self.auto else "fixed",
+                     "prompt_lookup_num_tokens": prompt_lookup, "max_matching_ngram_size": max_matching_ngram,
+                     "calibrations": []}
+
+  def calibrate(self, ids: Sequence[int], new_tokens: int = 32, rounds: int = 2) -> int:
+    """With threads="auto": times greedy generation at each thread count, keeps the fastest."""
+    if not self.auto:
+      return self.torch.get_num_threads()
+    rates = {t: [] for t in self.thread_choices}
+    for _ in range(rounds):
+      for t in self.thread_choices:
+        self.torch.set_num_threads(t)
+        r = self.generate(ids, "hf-greedy", new_tokens)
+        rates[t].append(r["new_tokens"] / r["wall_s"])
+    mean = {t: sum(v) / len(v) for t, v in rates.items()}
+    best = max(mean, key=mean.get)
+    self.torch.set_num_threads(best)
+    self.versions["threads"] = best
+    self.versions["calibrations"].append({str(t): round(v, 2) for t, v in mean.items()})
+    return best
 
   def _count(self, module, inputs, output):
     self.forwards += 1

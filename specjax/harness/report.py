@@ -60,7 +60,7 @@ def markdown(results: dict, command: str | None = None) -> str:
   if theirs:
     v = s["vs_hf"]
     lines += ["", "## specjax vs HF transformers (same GGUF, same prompt ids, same process)", "",
-              f"HF: torch {st['hf']['torch']}, transformers {st['hf']['transformers']}, {st['hf']['threads']} threads, "
+              f"HF: torch {st['hf']['torch']}, transformers {st['hf']['transformers']}, {_threads(st['hf'])}, "
               f"float32, prompt_lookup_num_tokens={st['hf']['prompt_lookup_num_tokens']}. HF speedups are vs "
               "hf-greedy; identical-to-AR compares with specjax `none`.", "",
               "| category | specjax best | tok/s | HF best | tok/s | ratio |", "|---|---|---|---|---|---|"]
@@ -76,6 +76,13 @@ def markdown(results: dict, command: str | None = None) -> str:
   lines += ["", f"Harness wall time {results['bench_wall_s'] / 60:.1f} min (warm-up and compilation included).",
             "", "Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS), ""]
   return "\n".join(lines)
+
+
+def _threads(hf: dict) -> str:
+  if hf.get("thread_mode") != "auto":
+    return f"{hf['threads']} threads"
+  cal = "; ".join(", ".join(f"{t} thr {r:.1f} tok/s" for t, r in c.items()) for c in hf.get("calibrations", []))
+  return f"threads auto (the faster of 1 and 2, re-timed every few questions: {cal})"
 
 
 def plot_all(results: dict, out_dir: str) -> list[str]:
