@@ -172,4 +172,4 @@ def test_real_model_greedy_identity_with_shipped_heads(kind, k):
   ar = sj.generate(model, prompts, max_new_tokens=32, chat=True)
   out = sj.generate(model, prompts, drafter=d, max_new_tokens=32, chat=True)
   assert out.tokens == ar.tokens
-  assert out.stats["mean_accepted"] > 1.5  # a trained head, not a random one
+  assert out.stats["mean_accepted"] > 1.1  # a trained head (a random one accepts ~nothing)

