@@ -129,6 +129,8 @@ def plot_all(results: dict, out_dir: str) -> list[str]:
     if a:
       ax.plot(np.arange(1, len(a) + 1), a, "o-",
               label=f"{m}: τ measured {e['mean_accepted']:.2f}, predicted {_fmt(e['predicted_tau'])}")
+  kmax = max((len(s[m][metrics.OVERALL]["acceptance_per_position"]) for m in drafted), default=1)
+  ax.set_xticks(np.arange(1, kmax + 1))
   ax.set_xlabel("draft position i")
   ax.set_ylabel("α_i = P(accept i | accepted < i)")
   ax.set_ylim(0, 1.05)
