@@ -104,17 +104,24 @@ def verify_sizes(k: int) -> tuple[int, ...]:
 def _verify(module, tokens, pos, cache, feature_layers, sizes):
   """Target forward over [last, drafts] at the smallest size covering the proposals."""
   k = tokens.shape[1] - 1
-
-  def run(n, tokens, pos, cache):
-    logits, cache, feats = module(tokens[:, :n + 1], pos[:, :n + 1], cache, feature_layers=feature_layers)
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, k - n)] + [(0, 0)] * (x.ndim - 2))
-    return pad(logits), cache, jax.tree.map(pad, feats)
-
   if len(sizes) == 1:
-    return run(sizes[0], tokens, pos, cache)
+    return module(tokens, pos, cache, feature_layers=feature_layers)
+
+  # The branches only read the cache and return the new K/V, written once after the
+  # switch: a cache written inside lax.switch is copied in and out of every branch.
+  def run(n, tokens, pos, cache):
+    logits, _, feats = module(tokens[:, :n + 1], pos[:, :n + 1], cache, feature_layers=feature_layers,
+                              write_cache=False)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, k - n)] + [(0, 0)] * (x.ndim - 2))
+    return pad(logits), jax.tree.map(pad, feats)
+
   need = jnp.max(jnp.sum(jnp.cumprod(tokens[:, 1:] >= 0, axis=1), axis=1))
   idx = jnp.searchsorted(jnp.asarray(sizes), need)
-  return jax.lax.switch(idx, [functools.partial(run, n) for n in sizes], tokens, pos, cache)
+  logits, feats = jax.lax.switch(idx, [functools.partial(run, n) for n in sizes], tokens, pos, cache)
+  new_k, new_v = feats.pop("new_kv")
+  cache = cache.replace(k=tuple(cache_lib.write(c, n, cache.lengths) for c, n in zip(cache.k, new_k)),
+                        v=tuple(cache_lib.write(c, n, cache.lengths) for c, n in zip(cache.v, new_v)))
+  return logits, cache, feats
 
 
 def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_new, seeds) -> LoopState:

@@ -115,3 +115,18 @@ def test_config_validation():
     testing.tiny_config(kv_heads=3)
   with pytest.raises(ValueError, match="hidden=0"):
     testing.tiny_config(hidden=0)
+
+
+def test_read_only_forward_matches_the_writing_forward(model):
+  """write_cache=False attends over cache + new tokens side by side and returns their K/V."""
+  ids = np.array([5, 9, 17, 3, 40, 22, 8, 11])
+  cache = model.new_cache(1, 16)
+  _, cache, _ = _fwd(model, [ids[:5]], [np.arange(5)], cache)
+  cache = cache.replace(lengths=cache.lengths + 5)
+  written, new_cache, _ = _fwd(model, [ids[5:]], [np.arange(5, 8)], cache)
+  read, same_cache, feats = _fwd(model, [ids[5:]], [np.arange(5, 8)], cache, write_cache=False)
+  np.testing.assert_allclose(np.asarray(read), np.asarray(written), atol=1e-5)
+  assert same_cache is cache
+  new_k, new_v = feats["new_kv"]
+  np.testing.assert_allclose(np.asarray(new_k[1][0]), np.asarray(new_cache.k[1][0, 5:8]), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(new_v[0][0]), np.asarray(new_cache.v[0][0, 5:8]), atol=1e-6)

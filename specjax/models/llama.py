@@ -91,7 +91,10 @@ class Block(nnx.Module):
     self.gate_up = _dense(rngs, cfg.hidden, 2 * cfg.ffn)
     self.down = _dense(rngs, cfg.ffn, cfg.hidden)
 
-  def __call__(self, x, positions, k_cache, v_cache, starts, mask):
+  def __call__(self, x, positions, k_cache, v_cache, starts, mask, write: bool = True):
+    """write=True: the new K/V go into the cache at slots starts[b] + t and the mask is
+    [B, T, S]. write=False: the cache is only read, the mask is [B, T, S + T] (cache slots,
+    then the new tokens), and the new K/V are returned instead of the cache."""
     cfg = self.cfg
     B, T, _ = x.shape
     G = cfg.heads // cfg.kv_heads
@@ -103,16 +106,23 @@ class Block(nnx.Module):
     v = qkv[..., q_dim + kv_dim:].reshape(B, T, cfg.kv_heads, cfg.head_dim)
     q = rope(q, positions, cfg.rope_base)
     k = rope(k, positions, cfg.rope_base)
-    k_cache = cache_lib.write(k_cache, k, starts)
-    v_cache = cache_lib.write(v_cache, v, starts)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_cache) * cfg.head_dim**-0.5
-    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    if write:
+      k_cache = cache_lib.write(k_cache, k, starts)
+      v_cache = cache_lib.write(v_cache, v, starts)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_cache)
+    if not write:  # scores over the new tokens themselves, beside (not inside) the cache
+      scores = jnp.concatenate([scores, jnp.einsum("BTKGH,BSKH->BKGTS", q, k)], axis=-1)
+    scores = scores.astype(jnp.float32) * cfg.head_dim**-0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    attn = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_cache).reshape(B, T, q_dim)
-    x = x + attn @ self.out[...]
+    S = k_cache.shape[1]
+    attn = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :S], v_cache)
+    if not write:
+      attn = attn + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:], v)
+    x = x + attn.reshape(B, T, q_dim) @ self.out[...]
     h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps) @ self.gate_up[...]
     x = x + (jax.nn.silu(h[..., :cfg.ffn]) * h[..., cfg.ffn:]) @ self.down[...]
-    return x, k_cache, v_cache
+    return (x, k_cache, v_cache) if write else (x, k, v)
 
 
 class Llama(nnx.Module):
@@ -131,7 +141,7 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: cache_lib.KVCache,
                mask: jax.Array | None = None, *, logit_index: jax.Array | None = None,
-               feature_layers: Sequence[int] = (), layer_limit: int | None = None):
+               feature_layers: Sequence[int] = (), layer_limit: int | None = None, write_cache: bool = True):
     """Runs T new tokens per row through the model.
 
     Args:
@@ -144,6 +154,10 @@ class Llama(nnx.Module):
         (prefill needs one per row, and the 49k-wide head is expensive).
       feature_layers: indices of blocks whose output (residual stream) to return.
       layer_limit: run only the first `layer_limit` blocks (early exit drafts).
+      write_cache: False leaves the cache untouched: the mask is then [B, T, S + T]
+        (cache slots, then the new tokens; default: slots < lengths[b], causal among
+        the new) and features["new_kv"] holds each layer's new (K, V) [B, T, K, H], for
+        callers that write them later (inside lax.switch, writing would copy the cache).
 
     Returns:
       logits [B, T or M, V] float32, the updated cache, and a dict with
@@ -151,13 +165,17 @@ class Llama(nnx.Module):
     """
     cfg = self.cfg
     B, T = tokens.shape
-    if mask is None:
+    if mask is None and write_cache:
       mask = causal_mask(cache.lengths, T, cache.max_len)
+    elif mask is None:
+      prefix = jnp.arange(cache.max_len)[None, None, :] < cache.lengths[:, None, None]
+      mask = jnp.concatenate([jnp.broadcast_to(prefix, (B, T, cache.max_len)),
+                              jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))], axis=-1)
     x = jnp.take(self.embed[...], tokens, axis=0)
     blocks = list(self.blocks)[:layer_limit]
     new_k, new_v, feats = list(cache.k), list(cache.v), []
     for i, block in enumerate(blocks):
-      x, new_k[i], new_v[i] = block(x, positions, cache.k[i], cache.v[i], cache.lengths, mask)
+      x, new_k[i], new_v[i] = block(x, positions, cache.k[i], cache.v[i], cache.lengths, mask, write_cache)
       if i in feature_layers:
         feats.append(x)
     hidden = rms_norm(x, self.final_norm[...], cfg.norm_eps)
@@ -165,4 +183,7 @@ class Llama(nnx.Module):
     features = {"hidden": hidden}
     if feature_layers:
       features["layers"] = jnp.stack(feats, axis=2)
+    if not write_cache:
+      features["new_kv"] = (tuple(new_k), tuple(new_v))
+      return self.logits(out), cache, features
     return self.logits(out), cache.replace(k=tuple(new_k), v=tuple(new_v)), features
