@@ -1,4 +1,5 @@
 """specjax: lossless speculative decoding in JAX."""
+from specjax import drafters as drafters
 from specjax.decode import GenerateOutput as GenerateOutput
 from specjax.decode import generate as generate
 from specjax.drafters import make_drafter as make_drafter

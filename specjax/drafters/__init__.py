@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from specjax.drafters.base import Context as Context
 from specjax.drafters.base import Drafter as Drafter
+from specjax.drafters.draft_model import DraftModel as DraftModel
+from specjax.drafters.eagle import Eagle as Eagle
 from specjax.drafters.ngram import NGram as NGram
 
 KNOWN = ("none", "ngram", "draft", "layerskip", "eagle1", "eagle3", "eagle2", "mtp", "medusa")
