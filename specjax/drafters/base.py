@@ -50,7 +50,6 @@ class Drafter:
   vocab_size: int | None = None  # None: any vocabulary (n-gram)
   tokenizer_fingerprint: str | None = dataclasses.field(default=None, compare=False)
   feature_layers: tuple[int, ...] = ()
-  needs_q = False  # True when propose returns a (sampled) q
   may_pad = False  # True when propose may return fewer than k drafts (-1 padded)
 
   def __post_init__(self):

@@ -58,7 +58,6 @@ def truncated(model: Model, layers: int) -> Model:
 @dataclasses.dataclass(frozen=True)
 class DraftModel(Drafter):
   graphdef: Any = None
-  needs_q = True
   name = "draft"
 
   def _step(self, module, cache, tokens, positions):

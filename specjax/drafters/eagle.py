@@ -49,7 +49,6 @@ def _rows_at(x: jax.Array, idx: jax.Array) -> jax.Array:
 class Eagle(Drafter):
   head: HeadConfig | None = None
   graphdef: Any = None
-  needs_q = True
 
   @property
   def name(self) -> str:  # type: ignore[override]
