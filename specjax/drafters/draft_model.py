@@ -42,15 +42,11 @@ def truncated(model: Model, layers: int) -> Model:
   if not 1 <= layers <= model.config.layers:
     raise ValueError(f"draft layers={layers} must be in [1, {model.config.layers}] for {model.name}")
   cfg = dataclasses.replace(model.config, layers=layers)
-  src = model.module()
-  module = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
-  module.embed.set_value(src.embed[...])
-  module.final_norm.set_value(src.final_norm[...])
-  if src.head is not None:
-    module.head.set_value(src.head[...])
-  for dst, blk in zip(module.blocks, src.blocks):
-    for name in ("attn_norm", "qkv", "out", "mlp_norm", "gate_up", "down"):
-      getattr(dst, name).set_value(getattr(blk, name)[...])
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
+  params = nnx.to_pure_dict(model.params)
+  params["blocks"] = {i: params["blocks"][i] for i in range(layers)}
+  nnx.replace_by_pure_dict(state, params)
+  module = nnx.merge(graphdef, state)
   return Model.from_module(module, tokenizer=model.tokenizer, chat_template=model.chat_template,
                            name=f"{model.name}[:{layers}]")
 
