@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from specjax.models.llama import Block, LlamaConfig, _dense, rms_norm
+from specjax.kernels import dense
+from specjax.models.llama import Block, LlamaConfig, _weight, rms_norm
 
 KINDS = ("eagle1", "eagle3", "mtp")
 
@@ -72,22 +73,22 @@ class DraftHead(nnx.Module):
     self.cfg = cfg
     D = cfg.target.hidden
     if cfg.kind == "eagle3":
-      self.fuse = _dense(rngs, D * len(cfg.feature_layers), D)
+      self.fuse = _weight(rngs, D * len(cfg.feature_layers), D)
     if cfg.kind == "mtp":
       self.norm_h = nnx.Param(jnp.ones((D,), jnp.float32))
       self.norm_e = nnx.Param(jnp.ones((D,), jnp.float32))
-    self.proj = _dense(rngs, 2 * D, D)
+    self.proj = _weight(rngs, 2 * D, D)
     self.block = Block(cfg.target, rngs)
     if cfg.kind != "eagle1":
       self.norm = nnx.Param(jnp.ones((D,), jnp.float32))
     if cfg.own_head:
-      self.lm_head = _dense(rngs, D, cfg.draft_vocab)
+      self.lm_head = _weight(rngs, D, cfg.draft_vocab)
 
   def input_features(self, features: dict) -> jax.Array:
     """Target features of a forward ({"hidden": [B,T,D], "layers": [B,T,n,D]}) -> [B, T, D]."""
     if self.cfg.kind == "eagle3":
       layers = features["layers"]
-      return layers.reshape(layers.shape[:2] + (-1,)) @ self.fuse[...]
+      return dense(layers.reshape(layers.shape[:2] + (-1,)), self.fuse[...])
     return features["hidden"]
 
   def __call__(self, feat, emb, positions, k_cache, v_cache, starts, mask):
@@ -98,7 +99,7 @@ class DraftHead(nnx.Module):
     eps = self.cfg.target.norm_eps
     if self.cfg.kind == "mtp":
       feat, emb = rms_norm(feat, self.norm_h[...], eps), rms_norm(emb, self.norm_e[...], eps)
-    x = jnp.concatenate([feat, emb], axis=-1) @ self.proj[...]
+    x = dense(jnp.concatenate([feat, emb], axis=-1), self.proj[...])
     return self.block(x, positions, k_cache, v_cache, starts, mask)
 
   def logits(self, h: jax.Array, w_out: jax.Array | None) -> jax.Array:
@@ -108,7 +109,7 @@ class DraftHead(nnx.Module):
     if self.cfg.kind != "eagle1":
       h = rms_norm(h, self.norm[...], self.cfg.target.norm_eps)
     w = self.lm_head[...] if self.cfg.own_head else w_out
-    return (h @ w).astype(jnp.float32)
+    return dense(h, w).astype(jnp.float32)
 
 
 def target_tables(target_params, target_cfg: LlamaConfig, d2t: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from specjax import cache as cache_lib
+from specjax.kernels import dense, unembed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ class LlamaConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
 
-def _dense(rngs: nnx.Rngs, d_in: int, d_out: int) -> nnx.Param:
+def _weight(rngs: nnx.Rngs, d_in: int, d_out: int) -> nnx.Param:
   return nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * d_in**-0.5)
 
 
@@ -85,11 +86,11 @@ class Block(nnx.Module):
     self.cfg = cfg
     q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     self.attn_norm = nnx.Param(jnp.ones((cfg.hidden,), jnp.float32))
-    self.qkv = _dense(rngs, cfg.hidden, q_dim + 2 * kv_dim)
-    self.out = _dense(rngs, q_dim, cfg.hidden)
+    self.qkv = _weight(rngs, cfg.hidden, q_dim + 2 * kv_dim)
+    self.out = _weight(rngs, q_dim, cfg.hidden)
     self.mlp_norm = nnx.Param(jnp.ones((cfg.hidden,), jnp.float32))
-    self.gate_up = _dense(rngs, cfg.hidden, 2 * cfg.ffn)
-    self.down = _dense(rngs, cfg.ffn, cfg.hidden)
+    self.gate_up = _weight(rngs, cfg.hidden, 2 * cfg.ffn)
+    self.down = _weight(rngs, cfg.ffn, cfg.hidden)
 
   def __call__(self, x, positions, k_cache, v_cache, starts, mask, write: bool = True):
     """write=True: the new K/V go into the cache at slots starts[b] + t and the mask is
@@ -100,7 +101,7 @@ class Block(nnx.Module):
     G = cfg.heads // cfg.kv_heads
     q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
-    qkv = h @ self.qkv[...]
+    qkv = dense(h, self.qkv[...])
     q = qkv[..., :q_dim].reshape(B, T, cfg.kv_heads, G, cfg.head_dim)
     k = qkv[..., q_dim:q_dim + kv_dim].reshape(B, T, cfg.kv_heads, cfg.head_dim)
     v = qkv[..., q_dim + kv_dim:].reshape(B, T, cfg.kv_heads, cfg.head_dim)
@@ -119,9 +120,9 @@ class Block(nnx.Module):
     attn = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :S], v_cache)
     if not write:
       attn = attn + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:], v)
-    x = x + attn.reshape(B, T, q_dim) @ self.out[...]
-    h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps) @ self.gate_up[...]
-    x = x + (jax.nn.silu(h[..., :cfg.ffn]) * h[..., cfg.ffn:]) @ self.down[...]
+    x = x + dense(attn.reshape(B, T, q_dim), self.out[...])
+    h = dense(rms_norm(x, self.mlp_norm[...], cfg.norm_eps), self.gate_up[...])
+    x = x + dense(jax.nn.silu(h[..., :cfg.ffn]) * h[..., cfg.ffn:], self.down[...])
     return (x, k_cache, v_cache) if write else (x, k, v)
 
 
@@ -131,13 +132,13 @@ class Llama(nnx.Module):
     self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden), jnp.float32) * 0.02)
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
     self.final_norm = nnx.Param(jnp.ones((cfg.hidden,), jnp.float32))
-    self.head = None if cfg.tie_embeddings else _dense(rngs, cfg.hidden, cfg.vocab_size)
+    self.head = None if cfg.tie_embeddings else _weight(rngs, cfg.hidden, cfg.vocab_size)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """LM head over already-normed hidden states [..., D] -> float32 logits [..., V]."""
     if self.head is None:
-      return jnp.einsum("...D,VD->...V", hidden, self.embed[...]).astype(jnp.float32)
-    return (hidden @ self.head[...]).astype(jnp.float32)
+      return unembed(hidden, self.embed[...]).astype(jnp.float32)
+    return dense(hidden, self.head[...]).astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: cache_lib.KVCache,
                mask: jax.Array | None = None, *, logit_index: jax.Array | None = None,

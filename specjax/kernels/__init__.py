@@ -1,0 +1,127 @@
+"""Matmuls of the model, with a small-M kernel on XLA:CPU.
+
+`dense(x, w)` is x @ w for a [K, N] kernel and `unembed(x, e)` is x @ e.T for a
+tied [N, K] embedding. On the CPU backend, for at most MAX_ROWS rows (batch x
+tokens: decode and verify steps), both run `small_matmul.cc` through the XLA FFI:
+it reads each weight once for all rows, so a verify step over k + 1 tokens costs
+little more than a one-token step (see that file for why XLA's own GEMM does not).
+Everywhere else (prefill, training, GPU/TPU, float16/bfloat16) they are plain XLA
+dots. Both are differentiable (the backward pass is XLA's).
+
+The kernel is compiled from source with the system C++ compiler on first use and
+cached under $SPECJAX_CACHE (default ~/.cache/specjax), keyed by the source, the
+jaxlib version and the CPU. No compiler, or SPECJAX_CPU_KERNEL=0, means the XLA
+dots everywhere (same results to float rounding, slower verify steps).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+MAX_ROWS = 32
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small_matmul.cc")
+_TARGETS = {"kn": "specjax_matmul_kn", "nk": "specjax_matmul_nk"}
+
+
+def _cpu_id() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def _build() -> str:
+  """Compiles small_matmul.cc (once per source/jaxlib/CPU) and returns the library path."""
+  import jaxlib
+  with open(_SOURCE, "rb") as f:
+    src = f.read()
+  key = hashlib.sha256(src + jaxlib.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
+  cache = os.environ.get("SPECJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "specjax"))
+  lib = os.path.join(cache, f"small_matmul-{key}.so")
+  if os.path.exists(lib):
+    return lib
+  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+  if cxx is None:
+    raise RuntimeError("no C++ compiler (g++/clang++) on PATH")
+  os.makedirs(cache, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+  os.close(fd)
+  cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+         "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  if done.returncode:
+    os.unlink(tmp)
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+  os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
+  return lib
+
+
+@functools.cache
+def kernel_available() -> bool:
+  """True when the CPU kernel is built and registered (compiles it on first call)."""
+  if os.environ.get("SPECJAX_CPU_KERNEL", "1") == "0":
+    return False
+  try:
+    lib = ctypes.cdll.LoadLibrary(_build())
+    jax.ffi.register_ffi_target(_TARGETS["kn"], jax.ffi.pycapsule(lib.SpecjaxMatmulKN), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGETS["nk"], jax.ffi.pycapsule(lib.SpecjaxMatmulNK), platform="cpu")
+  except (OSError, RuntimeError, AttributeError) as e:
+    warnings.warn(f"specjax: CPU small-matmul kernel unavailable, using XLA dots ({e})", stacklevel=2)
+    return False
+  return True
+
+
+def _use_kernel(x: jax.Array, w: jax.Array) -> bool:
+  rows = x.size // x.shape[-1] if x.shape[-1] else 0
+  return (0 < rows <= MAX_ROWS and x.dtype == jnp.float32 and w.dtype == jnp.float32
+          and jax.default_backend() == "cpu" and kernel_available())
+
+
+def _ffi(layout: str, x2: jax.Array, w: jax.Array) -> jax.Array:
+  n = w.shape[1] if layout == "kn" else w.shape[0]
+  out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
+  return jax.ffi.ffi_call(_TARGETS[layout], out, vmap_method="sequential")(x2, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _small(layout: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  y = _ffi(layout, x.reshape(-1, x.shape[-1]), w)
+  return y.reshape(x.shape[:-1] + (y.shape[-1],))
+
+
+def _small_fwd(layout, x, w):
+  return _small(layout, x, w), (x, w)
+
+
+def _small_bwd(layout, res, g):
+  x, w = res
+  if layout == "kn":  # y = x @ w
+    return g @ w.T, jnp.einsum("...k,...n->kn", x, g)
+  return g @ w, jnp.einsum("...n,...k->nk", g, x)  # y = x @ w.T
+
+
+_small.defvjp(_small_fwd, _small_bwd)
+
+
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., K] @ w [K, N] -> [..., N]."""
+  return _small("kn", x, w) if _use_kernel(x, w) else x @ w
+
+
+def unembed(x: jax.Array, e: jax.Array) -> jax.Array:
+  """x [..., K] @ e.T for e [N, K] (a tied embedding used as the LM head) -> [..., N]."""
+  return _small("nk", x, e) if _use_kernel(x, e) else jnp.einsum("...K,NK->...N", x, e)
