@@ -128,5 +128,6 @@ def test_read_only_forward_matches_the_writing_forward(model):
   np.testing.assert_allclose(np.asarray(read), np.asarray(written), atol=1e-5)
   assert same_cache is cache
   new_k, new_v = feats["new_kv"]
-  np.testing.assert_allclose(np.asarray(new_k[1][0]), np.asarray(new_cache.k[1][0, 5:8]), atol=1e-6)
-  np.testing.assert_allclose(np.asarray(new_v[0][0]), np.asarray(new_cache.v[0][0, 5:8]), atol=1e-6)
+  # new K/V are [B, T, K, H]; the cache is [B, K, S, H]
+  np.testing.assert_allclose(np.asarray(new_k[1][0]), np.asarray(new_cache.k[1][0, :, 5:8]).swapaxes(0, 1), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(new_v[0][0]), np.asarray(new_cache.v[0][0, :, 5:8]).swapaxes(0, 1), atol=1e-6)

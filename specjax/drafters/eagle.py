@@ -35,8 +35,8 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 @struct.dataclass
 class EagleState:
-  k: jax.Array  # [B, S, K, H] the head block's keys
-  v: jax.Array  # [B, S, K, H]
+  k: jax.Array  # [B, K, S, H] the head block's keys
+  v: jax.Array  # [B, K, S, H]
   h: jax.Array  # [B, D] head output at history index length - 2
 
 
@@ -60,15 +60,15 @@ class Eagle(Drafter):
   def _pass(self, module, weights, feat, tokens, positions, dstate, starts):
     """Block pass over T positions, written at cache slots starts[b] + t."""
     emb = jnp.take(weights["embed"], tokens, axis=0)
-    mask = causal_mask(starts, tokens.shape[1], dstate.k.shape[1])
+    mask = causal_mask(starts, tokens.shape[1], dstate.k.shape[2])
     return module(feat, emb, positions, dstate.k, dstate.v, starts, mask)
 
   def init(self, weights, ctx: Context, sampling, max_len: int):
     module = self._module(weights)
     cfg = self.head.target
     B, P = ctx.history.shape
-    state = EagleState(k=jnp.zeros((B, max_len, cfg.kv_heads, cfg.head_dim), jnp.float32),
-                       v=jnp.zeros((B, max_len, cfg.kv_heads, cfg.head_dim), jnp.float32),
+    state = EagleState(k=jnp.zeros((B, cfg.kv_heads, max_len, cfg.head_dim), jnp.float32),
+                       v=jnp.zeros((B, cfg.kv_heads, max_len, cfg.head_dim), jnp.float32),
                        h=jnp.zeros((B, cfg.hidden), jnp.float32))
     feat = module.input_features(ctx.features)
     nxt = jnp.concatenate([ctx.history[:, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
@@ -84,7 +84,7 @@ class Eagle(Drafter):
     idx = ctx.feature_start[:, None] + jnp.arange(T)[None, :]
     nxt = jnp.take_along_axis(ctx.history, jnp.minimum(idx + 1, S - 1), axis=1)
     # Keep the window inside the draft cache: rows near the end write no further.
-    starts = jnp.minimum(ctx.feature_start, dstate.k.shape[1] - T)
+    starts = jnp.minimum(ctx.feature_start, dstate.k.shape[2] - T)
     h, k, v = self._pass(module, weights, feat, nxt, idx, dstate, starts)
     last = jnp.clip(ctx.length - 2 - ctx.feature_start, 0, T - 1)
     return EagleState(k=k, v=v, h=_rows_at(h, last))
@@ -97,7 +97,7 @@ class Eagle(Drafter):
     drafts, qs = [], []
     for i in range(self.k):
       if i:  # feed back (h, d_i) at history index length - 2 + i
-        slot = jnp.minimum(ctx.length - 2 + i, k.shape[1] - 1)
+        slot = jnp.minimum(ctx.length - 2 + i, k.shape[2] - 1)
         h, k, v = self._pass(module, weights, h, token[:, None], slot[:, None],
                              dstate.replace(k=k, v=v), slot)
       logits = module.logits(h[:, 0], weights["w_out"])  # [B, N]

@@ -92,7 +92,7 @@ class DraftHead(nnx.Module):
     return features["hidden"]
 
   def __call__(self, feat, emb, positions, k_cache, v_cache, starts, mask):
-    """One pass of the block. feat, emb [B, T, D]; caches [B, S, K, H]; mask [B, T, S].
+    """One pass of the block. feat, emb [B, T, D]; caches [B, K, S, H]; mask [B, T, S].
 
     Returns h [B, T, D] (the next step's feature) and the updated caches.
     """

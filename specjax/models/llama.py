@@ -110,14 +110,14 @@ class Block(nnx.Module):
     if write:
       k_cache = cache_lib.write(k_cache, k, starts)
       v_cache = cache_lib.write(v_cache, v, starts)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_cache)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_cache)
     if not write:  # scores over the new tokens themselves, beside (not inside) the cache
       scores = jnp.concatenate([scores, jnp.einsum("BTKGH,BSKH->BKGTS", q, k)], axis=-1)
     scores = scores.astype(jnp.float32) * cfg.head_dim**-0.5
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    S = k_cache.shape[1]
-    attn = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :S], v_cache)
+    S = k_cache.shape[2]
+    attn = jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :S], v_cache)
     if not write:
       attn = attn + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:], v)
     x = x + dense(attn.reshape(B, T, q_dim), self.out[...])

@@ -57,7 +57,7 @@ def unroll(module: DraftHead, frozen: dict, batch: dict, steps: int):
   cfg = module.cfg.target
   feats = batch["feats"]
   feat = module.input_features({"layers": feats}) if module.cfg.kind == "eagle3" else feats[:, :, 0]
-  k_cache = jnp.zeros((B, steps * L, cfg.kv_heads, cfg.head_dim), jnp.float32)
+  k_cache = jnp.zeros((B, cfg.kv_heads, steps * L, cfg.head_dim), jnp.float32)
   v_cache = jnp.zeros_like(k_cache)
   t = jnp.arange(L)[None, :]
   for j in range(steps):
