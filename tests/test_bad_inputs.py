@@ -79,6 +79,8 @@ CASES = [
      lambda m, t: sj.make_drafter("ngram", m, k=0), ValueError, r"k=0 must be an int >= 1"),
     ("ngram-sizes", "config", "NGram(min_n=3, max_n=2)",
      lambda m, t: sj.make_drafter("ngram", m, k=2, min_n=3, max_n=2), ValueError, r"min_n=3, max_n=2"),
+    ("ngram-short-k", "config", "NGram(k=2, short_k=3)",
+     lambda m, t: sj.make_drafter("ngram", m, k=2, short_k=3), ValueError, r"short_k=3 .* must be in \[1, k=2\]"),
     ("draft-layers", "config", "default draft with more layers than the target",
      lambda m, t: sj.make_drafter("draft", m, k=2, layers=9), ValueError, r"draft layers=9 must be in \[1, 2\]"),
     ("drafter-unknown", "config", "unknown drafter name",
