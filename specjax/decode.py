@@ -71,11 +71,9 @@ def _prefill(static: _Static, params, dweights, prompt, prompt_len, max_new, see
   k = drafter.k if drafter else 0
   B, P = prompt.shape
   cache = cache_lib.init_cache(module.cfg.layers, B, max_len, module.cfg.kv_heads, module.cfg.head_dim)
-  positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   # Only slots < prompt_len - 1 count: the last prompt token is the first input
   # of the loop, which keeps every step alike (and AR is the k = 0 case).
-  _, cache, features = module(prompt, positions, cache, logit_index=jnp.zeros((B, 1), jnp.int32),
-                              feature_layers=drafter.feature_layers if drafter else ())
+  cache, features = module.prefill(prompt, cache, feature_layers=drafter.feature_layers if drafter else ())
   cache = cache_lib.advance(cache, prompt_len - 1)
   ctx = Context(prompt, prompt_len, features, jnp.zeros((B,), jnp.int32))
   dstate = drafter.init(dweights, ctx, static.sampling, max_len) if drafter else ()

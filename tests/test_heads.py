@@ -19,7 +19,7 @@ def test_forward_shapes(kind, layers):
   feats = {"hidden": jnp.ones((B, T, c.hidden)), "layers": jnp.ones((B, T, 2, c.hidden))}
   f = head.input_features(feats)
   assert f.shape == (B, T, c.hidden)
-  kc = jnp.zeros((B, S, c.kv_heads, c.head_dim))
+  kc = jnp.zeros((B, c.kv_heads, S, c.head_dim))
   h, k2, v2 = head(f, jnp.ones((B, T, c.hidden)), jnp.broadcast_to(jnp.arange(T), (B, T)), kc, kc,
                    jnp.zeros((B,), jnp.int32), causal_mask(jnp.zeros((B,), jnp.int32), T, S))
   assert h.shape == (B, T, c.hidden) and k2.shape == kc.shape

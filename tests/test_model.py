@@ -131,3 +131,20 @@ def test_read_only_forward_matches_the_writing_forward(model):
   # new K/V are [B, T, K, H]; the cache is [B, K, S, H]
   np.testing.assert_allclose(np.asarray(new_k[1][0]), np.asarray(new_cache.k[1][0, :, 5:8]).swapaxes(0, 1), atol=1e-6)
   np.testing.assert_allclose(np.asarray(new_v[0][0]), np.asarray(new_cache.v[0][0, :, 5:8]).swapaxes(0, 1), atol=1e-6)
+
+
+def test_chunked_prefill_equals_one_pass(model):
+  """Causal chunks that attend only over the slots written so far give the same cache and
+  features as one pass over the whole cache bucket."""
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(3, model.config.vocab_size, size=(2, 23)), jnp.int32)
+  module = model.module()
+  pos = jnp.broadcast_to(jnp.arange(23, dtype=jnp.int32), (2, 23))
+  _, ref_cache, ref = module(tokens, pos, model.new_cache(2, 32), feature_layers=(0,))
+  for chunk in (5, 8, 23):
+    cache, feats = module.prefill(tokens, model.new_cache(2, 32), chunk=chunk, feature_layers=(0,))
+    assert np.all(np.asarray(cache.lengths) == 0)
+    for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
+      np.testing.assert_allclose(np.asarray(a)[:, :, :23], np.asarray(b)[:, :, :23], atol=2e-5)
+    for name in ("hidden", "layers"):
+      np.testing.assert_allclose(np.asarray(feats[name]), np.asarray(ref[name]), atol=2e-5)

@@ -62,10 +62,9 @@ class DraftModel(Drafter):
 
   def init(self, weights, ctx: Context, sampling, max_len: int):
     module = nnx.merge(self.graphdef, weights)
-    B, P = ctx.history.shape
+    B = ctx.history.shape[0]
     cache = cache_lib.init_cache(module.cfg.layers, B, max_len, module.cfg.kv_heads, module.cfg.head_dim)
-    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    _, cache, _ = module(ctx.history, positions, cache, logit_index=jnp.zeros((B, 1), jnp.int32))
+    cache, _ = module.prefill(ctx.history, cache)
     cache = cache_lib.advance(cache, ctx.length - 1)
     return DraftState(cache, jnp.zeros((B, self.k), jnp.int32), ctx.length)
 
