@@ -35,9 +35,14 @@ def read_bandwidth_gbs(nbytes: int = 1 << 29, repeats: int = 5) -> float:
 
 def step_bytes(model: sj.Model, context: int) -> tuple[int, int]:
   """Bytes one decode step must read: every weight once (the embedding table once, as the
-  tied head; the input lookup reads one row) plus the live K/V."""
+  tied head; the input lookup reads one row) plus the live K/V. A matrix kept packed
+  (GGUF blocks, see specjax.models.llama.Packed) is read in that form, not as float32."""
   c = model.config
   weights = sum(x.nbytes for x in jax.tree.leaves(model.params))
+  module = model.module()
+  for owner in [module, *module.blocks]:
+    for name in ({} if owner.packed is None else owner.packed.get_value()):
+      weights -= getattr(owner, name)[...].nbytes  # the float32 copy is not read
   kv = 2 * c.layers * context * c.kv_heads * c.head_dim * 4
   return weights, kv
 

@@ -75,3 +75,52 @@ def test_model_logits_with_and_without_kernel_agree():
     outs.append(done.stdout.splitlines()[-2:])
   assert outs[0][0] == outs[1][0]
   np.testing.assert_allclose(np.array(eval(outs[0][1])), np.array(eval(outs[1][1])), atol=1e-4)
+
+
+# ---- block-quantized weights (GGUF Q4_1 / Q8_0), reference: gguf-py's own quantize/dequantize ----
+
+def _quantized(kind, N, K, seed):
+  import gguf
+  qtype = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
+  w = np.random.default_rng(seed).standard_normal((N, K), np.float32)
+  blocks = gguf.quants.quantize(w, qtype)
+  return np.asarray(gguf.quants.dequantize(blocks, qtype), np.float32), kernels.pack(kind, blocks)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("M,K,N", [(1, 576, 960), (6, 576, 3072), (7, 1536, 576), (13, 64, 102), (32, 32, 3)])
+def test_packed_kernel_matches_gguf_dequantized_float64(kind, M, K, N):
+  w, packed = _quantized(kind, N, K, M + K + N)
+  x = np.random.default_rng(M).standard_normal((M, K), np.float32)
+  ref = x.astype(np.float64) @ w.T.astype(np.float64)
+  tol = 1e-5 * np.sqrt(K) * np.abs(ref).max()
+  got = np.asarray(jax.jit(kernels.dense)(x, np.ascontiguousarray(w.T), packed))
+  np.testing.assert_allclose(got, ref, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_packed_rows_independent_and_bitwise_the_float32_nk_path(kind):
+  """The kernel dequantizes to exactly gguf-py's float32 weights: its unembed equals the
+  float32 nk kernel bit for bit, and a row does not depend on the row count."""
+  w, packed = _quantized(kind, 200, 576, 1)
+  x = np.random.default_rng(2).standard_normal((9, 576), np.float32)
+  got = np.asarray(jax.jit(kernels.unembed)(x, w, packed))
+  np.testing.assert_array_equal(got, np.asarray(jax.jit(kernels.unembed)(x, w)))
+  for m in (0, 5, 8):
+    np.testing.assert_array_equal(np.asarray(jax.jit(kernels.unembed)(x[m:m + 1], w, packed))[0], got[m])
+
+
+def test_packed_gradient_is_the_float32_one():
+  w, packed = _quantized("q4_1", 96, 64, 3)
+  x = np.random.default_rng(4).standard_normal((3, 64), np.float32)
+  wt = np.ascontiguousarray(w.T)
+  loss = lambda x, wt, p: jnp.sum(jnp.sin(kernels.dense(x, wt, p)))
+  gx, gw = jax.grad(loss, argnums=(0, 1))(x, wt, packed)
+  rx, rw = jax.grad(lambda x, wt: jnp.sum(jnp.sin(x @ wt)), argnums=(0, 1))(x, wt)
+  np.testing.assert_allclose(gx, rx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(gw, rw, rtol=1e-4, atol=1e-4)
+
+
+def test_pack_rejects_unknown_kind():
+  with pytest.raises(ValueError, match="q4_0"):
+    kernels.pack("q4_0", np.zeros((2, 18), np.uint8))

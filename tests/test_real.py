@@ -84,3 +84,19 @@ def test_cli_bad_input_is_an_error_message(capsys):
   assert "temperature=-1.0 must be" in capsys.readouterr().err
   assert cli.main(["generate", "--prompt", "hi", "--drafter", "nope"]) == 2
   assert "unknown or unavailable drafter 'nope'" in capsys.readouterr().err
+
+
+def test_packed_weights_cover_the_model_and_change_nothing_but_rounding(model, ar):
+  """The GGUF's Q4_1/Q8_0 blocks are kept for every matrix (the kernel reads those); the
+  float32-only model gives the same greedy text and logits to float summation order."""
+  for block in model.params["blocks"].values():
+    assert set(block["packed"].get_value()) == {"qkv", "out", "gate_up", "down"}
+  assert set(model.params["packed"].get_value()) == {"embed"}
+  plain = sj.load_model(packed=False)
+  assert "packed" not in plain.params["blocks"][0] or plain.params["blocks"][0]["packed"] is None
+  out = sj.generate(plain, PROMPTS[:2], max_new_tokens=N_NEW, chat=True)
+  for got, want in zip(out.tokens, ar.tokens[:2]):
+    assert list(got) == list(want)
+  ids = np.asarray(ar.tokens[0][:24])
+  from specjax.models.model import forward_logits
+  np.testing.assert_allclose(forward_logits(model, ids), forward_logits(plain, ids), atol=2e-3)

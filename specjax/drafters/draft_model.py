@@ -25,7 +25,6 @@ from flax import nnx, struct
 
 from specjax import cache as cache_lib
 from specjax.drafters.base import Context, Drafter
-from specjax.models.llama import Llama
 from specjax.models.model import Model
 from specjax.sampling import sample, warp
 
@@ -42,11 +41,9 @@ def truncated(model: Model, layers: int) -> Model:
   if not 1 <= layers <= model.config.layers:
     raise ValueError(f"draft layers={layers} must be in [1, {model.config.layers}] for {model.name}")
   cfg = dataclasses.replace(model.config, layers=layers)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
-  params = nnx.to_pure_dict(model.params)
-  params["blocks"] = {i: params["blocks"][i] for i in range(layers)}
-  nnx.replace_by_pure_dict(state, params)
-  module = nnx.merge(graphdef, state)
+  module = model.module()  # new module objects over the same arrays (packed weights included)
+  module.cfg = cfg
+  module.blocks = nnx.List(list(module.blocks)[:layers])
   return Model.from_module(module, tokenizer=model.tokenizer, chat_template=model.chat_template,
                            name=f"{model.name}[:{layers}]")
 

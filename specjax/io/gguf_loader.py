@@ -55,7 +55,11 @@ def open_gguf(path: str):
 
 
 def read_gguf(path: str):
-  """Returns (LlamaConfig, {hf_name: float32 array}, metadata dict)."""
+  """Returns (LlamaConfig, {hf_name: float32 array}, metadata dict).
+
+  metadata["packed"] holds the block-quantized matrices as stored, for the CPU
+  kernel: {hf_name: (kind, uint8 blocks [out, in / 32 * block bytes])}, rows in
+  the same (un-permuted) order as the float32 tensor."""
   import gguf
   reader = open_gguf(path)
   arch = _field(reader, "general.architecture")
@@ -76,28 +80,35 @@ def read_gguf(path: str):
       tie_embeddings="output.weight" not in names, bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
       eos_ids=tuple(sorted(set(([eos] if eos is not None else []) + extra_eos))),
       max_context=g("context_length", 8192))
-  tensors = {}
+  tensors, packed = {}, {}
+  kinds = {gguf.GGMLQuantizationType.Q4_1: "q4_1", gguf.GGMLQuantizationType.Q8_0: "q8_0"}
   for t in reader.tensors:
     try:
       data = gguf.quants.dequantize(t.data, t.tensor_type)
     except Exception as e:
       raise ValueError(f"{path!r}: cannot dequantize tensor {t.name} of type {t.tensor_type.name}: {e}") from e
     data = np.asarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+    blocks = np.asarray(t.data).reshape(data.shape[0], -1) if t.tensor_type in kinds and data.ndim == 2 else None
     if t.name == "token_embd.weight":
-      tensors["model.embed_tokens.weight"] = data
+      name = "model.embed_tokens.weight"
     elif t.name == "output_norm.weight":
-      tensors["model.norm.weight"] = data
+      name = "model.norm.weight"
     elif t.name == "output.weight":
-      tensors["lm_head.weight"] = data
+      name = "lm_head.weight"
     elif t.name.startswith("blk."):
       _, i, kind, _ = t.name.split(".", 3)
       if kind not in _NAMES:
         continue  # e.g. rope_freqs: not used by this architecture's default rope
-      if kind == "attn_q":
-        data = _unpermute(data, heads)
-      elif kind == "attn_k":
-        data = _unpermute(data, kv_heads)
-      tensors[f"model.layers.{i}.{_NAMES[kind]}.weight"] = data
+      if kind in ("attn_q", "attn_k"):  # a row permutation: the same on the float and the block rows
+        n = heads if kind == "attn_q" else kv_heads
+        data = _unpermute(data, n)
+        blocks = None if blocks is None else _unpermute(blocks, n)
+      name = f"model.layers.{i}.{_NAMES[kind]}.weight"
+    else:
+      continue
+    tensors[name] = data
+    if blocks is not None:
+      packed[name] = (kinds[t.tensor_type], blocks)
   meta = {
       "name": _field(reader, "general.name", os.path.basename(path)),
       "tokenizer_model": _field(reader, "tokenizer.ggml.model"),
@@ -108,5 +119,6 @@ def read_gguf(path: str):
       "bos_id": cfg.bos_id, "eos_id": eos,
       "add_bos": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
       "chat_template": _field(reader, "tokenizer.chat_template"),
+      "packed": packed,
   }
   return cfg, tensors, meta

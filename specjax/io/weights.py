@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from specjax.models.llama import Llama, LlamaConfig
+from specjax.kernels import pack
+from specjax.models.llama import Llama, LlamaConfig, Packed
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -31,8 +32,28 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def build_llama(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], source: str) -> Llama:
-  """Checks every tensor's presence and shape, then assembles the module."""
+def _packed(packed, names: list[str]):
+  """The named tensors' GGUF blocks with their rows concatenated, in the kernel's layout;
+  None unless all of them are block-quantized in one kind the kernel reads."""
+  if not packed or any(n not in packed for n in names):
+    return None
+  kinds = {packed[n][0] for n in names}
+  if len(kinds) != 1:
+    return None
+  (kind,) = kinds
+  return tuple(jnp.asarray(a) for a in pack(kind, np.concatenate([packed[n][1] for n in names])))
+
+
+def _attach(module: nnx.Module, weights: dict) -> None:
+  weights = {k: v for k, v in weights.items() if v is not None}
+  if weights:
+    module.packed = nnx.data(Packed(weights))
+
+
+def build_llama(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], source: str, packed=None) -> Llama:
+  """Checks every tensor's presence and shape, then assembles the module. `packed`
+  ({hf_name: (kind, blocks)}, from read_gguf) adds the block-quantized copies the
+  CPU kernel reads (see `Packed`)."""
   shapes = expected_shapes(cfg)
   missing = [n for n in shapes if n not in tensors]
   if missing:
@@ -56,6 +77,14 @@ def build_llama(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], source: str
     block.out.set_value(f32(t("self_attn.o_proj").T))
     block.gate_up.set_value(f32(np.concatenate([t("mlp.gate_proj"), t("mlp.up_proj")]).T))
     block.down.set_value(f32(t("mlp.down_proj").T))
+    p = f"model.layers.{i}."
+    _attach(block, {
+        "qkv": _packed(packed, [p + f"self_attn.{n}_proj.weight" for n in "qkv"]),
+        "out": _packed(packed, [p + "self_attn.o_proj.weight"]),
+        "gate_up": _packed(packed, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+        "down": _packed(packed, [p + "mlp.down_proj.weight"])})
+  _attach(module, {"embed": _packed(packed, ["model.embed_tokens.weight"]) if cfg.tie_embeddings else None,
+                   "head": _packed(packed, ["lm_head.weight"])})
   return module
 
 

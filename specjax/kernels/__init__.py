@@ -8,6 +8,12 @@ little more than a one-token step (see that file for why XLA's own GEMM does not
 Everywhere else (prefill, training, GPU/TPU, float16/bfloat16) they are plain XLA
 dots. Both are differentiable (the backward pass is XLA's).
 
+A weight may also come `packed`: the same [N, K] matrix in its GGUF block
+quantization (Q4_1 or Q8_0, see `pack`), which the kernel dequantizes in
+registers to bitwise the float32 values while reading 4-6x fewer bytes. The
+float32 weight stays beside it for the XLA paths, so results never depend on
+which path ran beyond float summation order.
+
 The kernel is compiled from source with the system C++ compiler on first use and
 cached under $SPECJAX_CACHE (default ~/.cache/specjax), keyed by the source, the
 jaxlib version and the CPU. No compiler, or SPECJAX_CPU_KERNEL=0, means the XLA
@@ -27,10 +33,15 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_ROWS = 32
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small_matmul.cc")
-_TARGETS = {"kn": "specjax_matmul_kn", "nk": "specjax_matmul_nk"}
+_TARGETS = {"kn": "specjax_matmul_kn", "nk": "specjax_matmul_nk", "q4_1": "specjax_matmul_q4_1",
+            "q8_0": "specjax_matmul_q8_0"}
+_SYMBOLS = {"kn": "SpecjaxMatmulKN", "nk": "SpecjaxMatmulNK", "q4_1": "SpecjaxMatmulQ41", "q8_0": "SpecjaxMatmulQ80"}
+# GGUF block layouts the kernel reads: (bytes of scales, bytes of quants) per 32 weights.
+PACKED_KINDS = {"q4_1": (4, 16), "q8_0": (2, 32)}
 
 
 def _cpu_id() -> str:
@@ -77,8 +88,8 @@ def kernel_available() -> bool:
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(_build())
-    jax.ffi.register_ffi_target(_TARGETS["kn"], jax.ffi.pycapsule(lib.SpecjaxMatmulKN), platform="cpu")
-    jax.ffi.register_ffi_target(_TARGETS["nk"], jax.ffi.pycapsule(lib.SpecjaxMatmulNK), platform="cpu")
+    for kind, target in _TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[kind])), platform="cpu")
   except (OSError, RuntimeError, AttributeError) as e:
     warnings.warn(f"specjax: CPU small-matmul kernel unavailable, using XLA dots ({e})", stacklevel=2)
     return False
@@ -117,11 +128,60 @@ def _small_bwd(layout, res, g):
 _small.defvjp(_small_fwd, _small_bwd)
 
 
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [..., K] @ w [K, N] -> [..., N]."""
-  return _small("kn", x, w) if _use_kernel(x, w) else x @ w
+def pack(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """GGUF blocks [N, K / 32 * block_bytes] (uint8, as a GGUF file stores a [N, K]
+  Q4_1 or Q8_0 tensor) -> (quants, scales) as the kernel reads them: q4_1: (uint8
+  [N, K / 2], [N, K / 16] = d, m per block); q8_0: (int8 [N, K], [N, K / 32]). The
+  float16 scales become float32 (exact), which spares the kernel the conversions."""
+  if kind not in PACKED_KINDS:
+    raise ValueError(f"unknown packed kind {kind!r}; the kernel reads {sorted(PACKED_KINDS)}")
+  scale_bytes, quant_bytes = PACKED_KINDS[kind]
+  blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
+  n = blocks.shape[0]
+  b = blocks.reshape(n, -1, scale_bytes + quant_bytes)
+  scales = np.ascontiguousarray(b[..., :scale_bytes]).view(np.float16).astype(np.float32).reshape(n, -1)
+  quants = np.ascontiguousarray(b[..., scale_bytes:]).reshape(n, -1)
+  return (quants if kind == "q4_1" else quants.view(np.int8)), scales
 
 
-def unembed(x: jax.Array, e: jax.Array) -> jax.Array:
+def _packed_kind(packed) -> str:
+  return "q4_1" if packed[0].dtype == jnp.uint8 else "q8_0"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _small_packed(layout: str, x: jax.Array, w: jax.Array, packed) -> jax.Array:
+  n = w.shape[1] if layout == "kn" else w.shape[0]
+  if packed[0].shape[0] != n:
+    raise ValueError(f"packed weight has {packed[0].shape[0]} rows, the float32 weight {n} outputs")
+  x2 = x.reshape(-1, x.shape[-1])
+  out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
+  y = jax.ffi.ffi_call(_TARGETS[_packed_kind(packed)], out, vmap_method="sequential")(x2, *packed)
+  return y.reshape(x.shape[:-1] + (n,))
+
+
+def _small_packed_fwd(layout, x, w, packed):
+  return _small_packed(layout, x, w, packed), (x, w, packed)
+
+
+def _small_packed_bwd(layout, res, g):
+  x, w, packed = res
+  zero = lambda a: (np.zeros(a.shape, jax.dtypes.float0) if jnp.issubdtype(a.dtype, jnp.integer)
+                    else jnp.zeros_like(a))
+  return _small_bwd(layout, (x, w), g) + (tuple(zero(a) for a in packed),)
+
+
+_small_packed.defvjp(_small_packed_fwd, _small_packed_bwd)
+
+
+def dense(x: jax.Array, w: jax.Array, packed=None) -> jax.Array:
+  """x [..., K] @ w [K, N] -> [..., N]; `packed` is w.T quantized (see `pack`), or None."""
+  if not _use_kernel(x, w):
+    return x @ w
+  return _small("kn", x, w) if packed is None else _small_packed("kn", x, w, tuple(packed))
+
+
+def unembed(x: jax.Array, e: jax.Array, packed=None) -> jax.Array:
   """x [..., K] @ e.T for e [N, K] (a tied embedding used as the LM head) -> [..., N]."""
-  return _small("nk", x, e) if _use_kernel(x, e) else jnp.einsum("...K,NK->...N", x, e)
+  if not _use_kernel(x, e):
+    return jnp.einsum("...K,NK->...N", x, e)
+  return _small("nk", x, e) if packed is None else _small_packed("nk", x, e, tuple(packed))

@@ -11,7 +11,14 @@
 // Two weight layouts, both row-major:
 //   kn: W [K, N]  (a dense layer's kernel)     y = x @ W
 //   nk: W [N, K]  (a tied embedding as head)   y = x @ W^T
+// and W [N, K] kept in its GGUF block quantization (ggml's Q4_1 and Q8_0, 32
+// weights a block along K): a weight is dequantized in registers exactly as
+// gguf-py does it (d * q + m, where d * q is exact, so one rounding either way),
+// so the weights used are bitwise the float32 ones; only 0.625 (Q4_1) or 1.06
+// (Q8_0) bytes per weight are read from memory instead of 4.
 // Work is split over column blocks and shared with XLA's intra-op thread pool.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -32,10 +39,13 @@ inline v16 load(const float* p) {
   return r;
 }
 inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+inline float hsum(v16 v) {  // pairwise halves: 4 shuffles and adds, not 15 dependent lane adds
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 constexpr int kMaxRows = 6;     // rows per register block: 6 x 4 accumulators + 4 weights
@@ -86,6 +96,51 @@ void nk_block(const float* x, int64_t K, const float* w, int64_t N, float* y, in
     for (int j = 0; j < 4; ++j) y[m * N + n0 + j] = hsum(acc[m][j]);
 }
 
+
+// One 32-weight block of output row n, block b, as two vectors (weights 0-15, 16-31).
+// Q4_1: per block d, m (float32 here; float16 in the file) and 16 bytes: byte j
+// holds weight j (low nibble) and weight j + 16 (high nibble).
+struct Q41 {
+  const uint8_t* qs;  // [N, K / 2]
+  const float* dm;    // [N, K / 32, 2]
+  int64_t K;
+  inline void deq(int64_t n, int64_t b, v16& lo, v16& hi) const {
+    const uint8_t* q = qs + n * (K / 2) + 16 * b;
+    const float d = dm[(n * (K / 32) + b) * 2], m = dm[(n * (K / 32) + b) * 2 + 1];
+#ifdef __AVX512F__
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
+    lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), vd, vm);
+    hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), vd, vm);
+#else
+    for (int j = 0; j < 16; ++j) {
+      lo[j] = static_cast<float>(q[j] & 15) * d + m;
+      hi[j] = static_cast<float>(q[j] >> 4) * d + m;
+    }
+#endif
+  }
+};
+
+// Q8_0: per block d (float32 here) and 32 signed bytes.
+struct Q80 {
+  const int8_t* qs;  // [N, K]
+  const float* d;    // [N, K / 32]
+  int64_t K;
+  inline void deq(int64_t n, int64_t b, v16& lo, v16& hi) const {
+    const int8_t* q = qs + n * K + 32 * b;
+    const float s = d[n * (K / 32) + b];
+#ifdef __AVX512F__
+    const __m512 vs = _mm512_set1_ps(s);
+    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), vs);
+    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))), vs);
+#else
+    for (int j = 0; j < 16; ++j) {
+      lo[j] = static_cast<float>(q[j]) * s;
+      hi[j] = static_cast<float>(q[j + 16]) * s;
+    }
+#endif
+  }
+};
 
 #define SPECJAX_DISPATCH(fn)                                                                \
   void fn##_rows(int mr, const float* x, int64_t K, const float* w, int64_t N, float* y,  \
@@ -171,6 +226,57 @@ ffi::Error Run(bool nk, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+// y[M, N] = x[M, K] @ dequant(W)^T for a block-quantized W [N, K] (Q41 or Q80):
+// four W rows at a time are dequantized once into a buffer that stays in L1, then
+// the float32 nk blocks run over it for all M rows. So the results are bitwise those
+// of the nk layout on the dequantized float32 matrix.
+template <class Q>
+ffi::Error RunQuant(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, int64_t N, const Q& w,
+                    ffi::ResultBuffer<ffi::F32>& y) {
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  if (K != w.K || K % 32) return ffi::Error::InvalidArgument("quantized matmul: K must match and be a multiple of 32");
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  auto rows = [=](int64_t n0, int64_t n1) {  // outputs [n0, n1), n1 - n0 <= 4
+    float buf[4 * K] __attribute__((aligned(64)));
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < K / 32; ++b) {
+        v16 lo, hi;
+        w.deq(n, b, lo, hi);
+        store(buf + (n - n0) * K + 32 * b, lo);
+        store(buf + (n - n0) * K + 32 * b + 16, hi);
+      }
+    if (n1 - n0 == 4) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
+        nk_block_rows(static_cast<int>(std::min<int64_t>(kMaxRows, M - m0)), xp + m0 * K, K, buf, N,
+                      yp + m0 * N + n0, 0, 0, K);
+    } else {
+      scalar_cols(true, xp, M, K, buf, N, yp + n0, 0, n1 - n0);
+    }
+  };
+  parallel_for(pool, N / 4, [=](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) rows(4 * g, 4 * g + 4);
+  });
+  if (N % 4) rows(N / 4 * 4, N);
+  return ffi::Error::Success();
+}
+
+ffi::Error RunQ41(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> qs, ffi::Buffer<ffi::F32> dm,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  const auto qd = qs.dimensions();
+  if (x.dimensions().size() != 2 || qd.size() != 2) return ffi::Error::InvalidArgument("q4_1 matmul: 2-D x and qs");
+  const Q41 w{qs.typed_data(), dm.typed_data(), qd[1] * 2};
+  return RunQuant(pool, x, qd[0], w, y);
+}
+
+ffi::Error RunQ80(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> qs, ffi::Buffer<ffi::F32> d,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  const auto qd = qs.dimensions();
+  if (x.dimensions().size() != 2 || qd.size() != 2) return ffi::Error::InvalidArgument("q8_0 matmul: 2-D x and qs");
+  const Q80 w{qs.typed_data(), d.typed_data(), qd[1]};
+  return RunQuant(pool, x, qd[0], w, y);
+}
+
 template <bool NK>
 ffi::Error RunLayout(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                      ffi::ResultBuffer<ffi::F32> y) {
@@ -187,3 +293,9 @@ auto Binding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxMatmulKN, RunLayout<false>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxMatmulNK, RunLayout<true>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxMatmulQ41, RunQ41,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxMatmulQ80, RunQ80,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());

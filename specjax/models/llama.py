@@ -46,6 +46,16 @@ class LlamaConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
 
+class Packed(nnx.Variable):
+  """{weight name: (quants, scales)}: weights also kept in their GGUF block quantization
+  (see `specjax.kernels.pack`) for the CPU kernel. Exactly the float32 weights beside
+  them, dequantized; a transform of those must drop this (set the attribute to None)."""
+
+
+def _packed(module: nnx.Module) -> dict:
+  return {} if module.packed is None else module.packed.get_value()
+
+
 def _weight(rngs: nnx.Rngs, d_in: int, d_out: int) -> nnx.Param:
   return nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * d_in**-0.5)
 
@@ -94,6 +104,7 @@ class Block(nnx.Module):
     self.mlp_norm = nnx.Param(jnp.ones((cfg.hidden,), jnp.float32))
     self.gate_up = _weight(rngs, cfg.hidden, 2 * cfg.ffn)
     self.down = _weight(rngs, cfg.ffn, cfg.hidden)
+    self.packed: Packed | None = None
 
   def __call__(self, x, positions, k_cache, v_cache, starts, mask, write: bool = True, attend: int | None = None):
     """write=True: the new K/V go into the cache at slots starts[b] + t and the mask is
@@ -104,8 +115,9 @@ class Block(nnx.Module):
     B, T, _ = x.shape
     G = cfg.heads // cfg.kv_heads
     q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    packed = _packed(self)
     h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
-    qkv = dense(h, self.qkv[...])
+    qkv = dense(h, self.qkv[...], packed.get("qkv"))
     q = qkv[..., :q_dim].reshape(B, T, cfg.kv_heads, G, cfg.head_dim)
     k = qkv[..., q_dim:q_dim + kv_dim].reshape(B, T, cfg.kv_heads, cfg.head_dim)
     v = qkv[..., q_dim + kv_dim:].reshape(B, T, cfg.kv_heads, cfg.head_dim)
@@ -125,9 +137,9 @@ class Block(nnx.Module):
     attn = jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :S], v_seen)
     if not write:
       attn = attn + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:], v)
-    x = x + dense(attn.reshape(B, T, q_dim), self.out[...])
-    h = dense(rms_norm(x, self.mlp_norm[...], cfg.norm_eps), self.gate_up[...])
-    x = x + dense(jax.nn.silu(h[..., :cfg.ffn]) * h[..., cfg.ffn:], self.down[...])
+    x = x + dense(attn.reshape(B, T, q_dim), self.out[...], packed.get("out"))
+    h = dense(rms_norm(x, self.mlp_norm[...], cfg.norm_eps), self.gate_up[...], packed.get("gate_up"))
+    x = x + dense(jax.nn.silu(h[..., :cfg.ffn]) * h[..., cfg.ffn:], self.down[...], packed.get("down"))
     return (x, k_cache, v_cache) if write else (x, k, v)
 
 
@@ -138,12 +150,14 @@ class Llama(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
     self.final_norm = nnx.Param(jnp.ones((cfg.hidden,), jnp.float32))
     self.head = None if cfg.tie_embeddings else _weight(rngs, cfg.hidden, cfg.vocab_size)
+    self.packed: Packed | None = None  # "embed" and/or "head", see Packed
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """LM head over already-normed hidden states [..., D] -> float32 logits [..., V]."""
+    packed = _packed(self)
     if self.head is None:
-      return unembed(hidden, self.embed[...]).astype(jnp.float32)
-    return dense(hidden, self.head[...]).astype(jnp.float32)
+      return unembed(hidden, self.embed[...], packed.get("embed")).astype(jnp.float32)
+    return dense(hidden, self.head[...], packed.get("head")).astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: cache_lib.KVCache,
                mask: jax.Array | None = None, *, logit_index: jax.Array | None = None,
