@@ -124,3 +124,59 @@ def test_packed_gradient_is_the_float32_one():
 def test_pack_rejects_unknown_kind():
   with pytest.raises(ValueError, match="q4_0"):
     kernels.pack("q4_0", np.zeros((2, 18), np.uint8))
+
+
+# ---- attention of decode / verify steps -------------------------------------------------------
+
+def _attention_case(B, T, S, K=3, G=3, H=64, seed=0):
+  rng = np.random.default_rng(seed)
+  f = lambda *s: rng.standard_normal(s, np.float32)
+  starts = rng.integers(0, S - T + 1, size=B).astype(np.int32)
+  mask = (np.arange(S)[None, None, :] <= starts[:, None, None] + np.arange(T)[None, :, None])
+  mask = np.broadcast_to(mask, (B, T, S)).copy()
+  mask[..., 0] &= rng.random((B, T)) < 0.7  # holes, as a tree mask has
+  return f(B, T, K, G, H), f(B, K, S, H), f(B, K, S, H), f(B, T, K, H), f(B, T, K, H), mask, starts
+
+
+@pytest.mark.parametrize("B,T,S", [(1, 1, 128), (1, 6, 640), (3, 4, 96), (2, 16, 64)])
+def test_attention_kernel_matches_xla(B, T, S):
+  """Kernel vs XLA: the same attention and the same cache writes, for ragged rows and masks."""
+  from specjax.models.llama import _split_mask
+  q, kc, vc, kn, vn, mask, starts = _attention_case(B, T, S, seed=B * T + S)
+  split = _split_mask(jnp.asarray(mask), jnp.asarray(starts), T)
+  want = kernels._attention_xla(True, q, kc, vc, kn, vn, split, starts)
+  got = jax.jit(kernels.attention, static_argnums=0)(True, q, kc, vc, kn, vn, split, starts)
+  np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=1e-5)
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_array_equal(got[2], want[2])
+  read = jax.jit(kernels.attention, static_argnums=0)(False, q, kc, vc, kn, vn, split, starts)
+  np.testing.assert_array_equal(read, got[0])
+
+
+def test_attention_kernel_token_result_does_not_depend_on_T():
+  """Token t of a 5-token step equals a 1-token step at the same position (bitwise):
+  greedy speculation then reproduces AR exactly."""
+  from specjax.models.llama import _split_mask
+  q, kc, vc, kn, vn, mask, starts = _attention_case(1, 5, 64, seed=3)
+  mask = np.arange(64)[None, None, :] <= starts[:, None, None] + np.arange(5)[None, :, None]
+  full = jax.jit(kernels.attention, static_argnums=0)(True, q, kc, vc, kn, vn,
+                                                         _split_mask(jnp.asarray(mask), jnp.asarray(starts), 5), starts)
+  kc2, vc2 = np.asarray(full[1]), np.asarray(full[2])  # the cache with all 5 written
+  for t in range(5):
+    one_mask = mask[:, t:t + 1]
+    s1 = starts + t
+    one = jax.jit(kernels.attention, static_argnums=0)(
+        True, q[:, t:t + 1], kc2, vc2, kn[:, t:t + 1], vn[:, t:t + 1],
+        _split_mask(jnp.asarray(one_mask), jnp.asarray(s1), 1), s1)
+    np.testing.assert_array_equal(np.asarray(one[0])[:, 0], np.asarray(full[0])[:, t])
+
+
+def test_attention_kernel_gradient_is_xla_one():
+  from specjax.models.llama import _split_mask
+  q, kc, vc, kn, vn, mask, starts = _attention_case(1, 2, 32, H=16, seed=5)
+  split = _split_mask(jnp.asarray(mask), jnp.asarray(starts), 2)
+  f = lambda fn: lambda q, kn: jnp.sum(jnp.sin(fn(False, q, kc, vc, kn, vn, split, starts)))
+  got = jax.grad(f(kernels.attention), argnums=(0, 1))(q, kn)
+  want = jax.grad(f(kernels._attention_xla), argnums=(0, 1))(q, kn)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)

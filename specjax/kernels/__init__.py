@@ -36,10 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_ROWS = 32
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small_matmul.cc")
+_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), f) for f in ("small_matmul.cc", "attention.cc")]
 _TARGETS = {"kn": "specjax_matmul_kn", "nk": "specjax_matmul_nk", "q4_1": "specjax_matmul_q4_1",
             "q8_0": "specjax_matmul_q8_0"}
-_SYMBOLS = {"kn": "SpecjaxMatmulKN", "nk": "SpecjaxMatmulNK", "q4_1": "SpecjaxMatmulQ41", "q8_0": "SpecjaxMatmulQ80"}
+_TARGETS.update(attend_read="specjax_attend_read", attend_write="specjax_attend_write")
+_SYMBOLS = {"kn": "SpecjaxMatmulKN", "nk": "SpecjaxMatmulNK", "q4_1": "SpecjaxMatmulQ41", "q8_0": "SpecjaxMatmulQ80",
+            "attend_read": "SpecjaxAttendRead", "attend_write": "SpecjaxAttendWrite"}
 # GGUF block layouts the kernel reads: (bytes of scales, bytes of quants) per 32 weights.
 PACKED_KINDS = {"q4_1": (4, 16), "q8_0": (2, 32)}
 
@@ -56,13 +58,15 @@ def _cpu_id() -> str:
 
 
 def _build() -> str:
-  """Compiles small_matmul.cc (once per source/jaxlib/CPU) and returns the library path."""
+  """Compiles the kernels' sources (once per source/jaxlib/CPU) and returns the library path."""
   import jaxlib
-  with open(_SOURCE, "rb") as f:
-    src = f.read()
+  src = b""
+  for path in _SOURCES:
+    with open(path, "rb") as f:
+      src += f.read()
   key = hashlib.sha256(src + jaxlib.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
   cache = os.environ.get("SPECJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "specjax"))
-  lib = os.path.join(cache, f"small_matmul-{key}.so")
+  lib = os.path.join(cache, f"kernels-{key}.so")
   if os.path.exists(lib):
     return lib
   cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
@@ -72,7 +76,7 @@ def _build() -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
   os.close(fd)
   cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-         "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
+         "-I", jax.ffi.include_dir(), *_SOURCES, "-o", tmp]
   done = subprocess.run(cmd, capture_output=True, text=True)
   if done.returncode:
     os.unlink(tmp)
@@ -185,3 +189,62 @@ def unembed(x: jax.Array, e: jax.Array, packed=None) -> jax.Array:
   if not _use_kernel(x, e):
     return jnp.einsum("...K,NK->...N", x, e)
   return _small("nk", x, e) if packed is None else _small_packed("nk", x, e, tuple(packed))
+
+
+# ---- attention of decode / verify steps (attention.cc) ----------------------------------------
+
+def attention_reference(q, k_cache, v_cache, k_new=None, v_new=None, *, mask):
+  """XLA attention of T new tokens over cached slots (and themselves, when given).
+
+  q [B, T, K, G, H]; k_cache, v_cache [B, K, S, H]; k_new, v_new [B, T, K, H] or None;
+  mask [B, T, S (+ T)] (cache slots, then the new tokens) -> [B, T, K, G, H].
+  """
+  S = k_cache.shape[2]
+  scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_cache)
+  if k_new is not None:
+    scores = jnp.concatenate([scores, jnp.einsum("BTKGH,BSKH->BKGTS", q, k_new)], axis=-1)
+  scores = scores.astype(jnp.float32) * q.shape[-1]**-0.5
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+  out = jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :S], v_cache)
+  return out if v_new is None else out + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:], v_new)
+
+
+def _attention_xla(write, q, k_cache, v_cache, k_new, v_new, mask, starts):
+  from specjax import cache as cache_lib
+  out = attention_reference(q, k_cache, v_cache, k_new, v_new, mask=mask)
+  if not write:
+    return out
+  return out, cache_lib.write(k_cache, k_new, starts), cache_lib.write(v_cache, v_new, starts)
+
+
+def attention_kernel_applies(q: jax.Array, k_cache: jax.Array) -> bool:
+  """Whether `attention` runs the CPU kernel for these operands (else callers use XLA)."""
+  B, T, K, G, H = q.shape
+  return (B * T <= MAX_ROWS and H % 16 == 0 and G <= 16 and q.dtype == jnp.float32
+          and k_cache.dtype == jnp.float32 and jax.default_backend() == "cpu" and kernel_available())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attention(write: bool, q, k_cache, v_cache, k_new, v_new, mask, starts):
+  """`attention_reference` by the CPU kernel; with write=True also returns the caches with
+  k_new/v_new written at slots starts[b] + t (in place: no cache copies in a decode loop).
+  Differentiable (the backward pass is XLA's)."""
+  out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  args = (q, k_cache, v_cache, k_new, v_new, mask.astype(bool), starts.astype(jnp.int32))
+  if not write:
+    return jax.ffi.ffi_call(_TARGETS["attend_read"], out, vmap_method="sequential")(*args)
+  outs = (out, jax.ShapeDtypeStruct(k_cache.shape, jnp.float32), jax.ShapeDtypeStruct(v_cache.shape, jnp.float32))
+  return tuple(jax.ffi.ffi_call(_TARGETS["attend_write"], outs, input_output_aliases={1: 1, 2: 2},
+                                vmap_method="sequential")(*args))
+
+
+def _attention_fwd(write, *args):
+  return attention(write, *args), args
+
+
+def _attention_bwd(write, args, g):
+  return jax.vjp(functools.partial(_attention_xla, write), *args)[1](g)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)

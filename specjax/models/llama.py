@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from specjax import cache as cache_lib
-from specjax.kernels import dense, unembed
+from specjax.kernels import attention, attention_kernel_applies, attention_reference, dense, unembed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +92,15 @@ def causal_mask(lengths: jax.Array, num_new: int, max_len: int) -> jax.Array:
   return slots <= limit
 
 
+def _split_mask(mask: jax.Array, starts: jax.Array, num_new: int) -> jax.Array:
+  """A [B, T, S] mask over cache slots, where the new tokens go to slots starts[b] + t,
+  as [B, T, S + T]: the slots before starts[b], then the new tokens themselves."""
+  B, T, S = mask.shape
+  before = mask & (jnp.arange(S)[None, None, :] < starts[:, None, None])
+  own = jnp.broadcast_to((starts[:, None] + jnp.arange(num_new)[None, :])[:, None, :], (B, T, num_new))
+  return jnp.concatenate([before, jnp.take_along_axis(mask, own, axis=2)], axis=-1)
+
+
 class Block(nnx.Module):
   """Pre-norm decoder block. Q, K, V are one fused matmul and gate/up another."""
 
@@ -123,20 +132,17 @@ class Block(nnx.Module):
     v = qkv[..., q_dim + kv_dim:].reshape(B, T, cfg.kv_heads, cfg.head_dim)
     q = rope(q, positions, cfg.rope_base)
     k = rope(k, positions, cfg.rope_base)
-    if write:
+    if attend is None and attention_kernel_applies(q, k_cache):  # decode and verify steps on CPU
+      attn = attention(write, q, k_cache, v_cache, k, v, _split_mask(mask, starts, T) if write else mask, starts)
+      if write:
+        attn, k_cache, v_cache = attn
+    elif write:
       k_cache = cache_lib.write(k_cache, k, starts)
       v_cache = cache_lib.write(v_cache, v, starts)
-    k_seen, v_seen = (k_cache, v_cache) if attend is None else (k_cache[:, :, :attend], v_cache[:, :, :attend])
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_seen)
-    if not write:  # scores over the new tokens themselves, beside (not inside) the cache
-      scores = jnp.concatenate([scores, jnp.einsum("BTKGH,BSKH->BKGTS", q, k)], axis=-1)
-    scores = scores.astype(jnp.float32) * cfg.head_dim**-0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    S = k_seen.shape[2]
-    attn = jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :S], v_seen)
-    if not write:
-      attn = attn + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:], v)
+      seen = (k_cache, v_cache) if attend is None else (k_cache[:, :, :attend], v_cache[:, :, :attend])
+      attn = attention_reference(q, *seen, mask=mask)
+    else:
+      attn = attention_reference(q, k_cache, v_cache, k, v, mask=mask)
     x = x + dense(attn.reshape(B, T, q_dim), self.out[...], packed.get("out"))
     h = dense(rms_norm(x, self.mlp_norm[...], cfg.norm_eps), self.gate_up[...], packed.get("gate_up"))
     x = x + dense(jax.nn.silu(h[..., :cfg.ffn]) * h[..., cfg.ffn:], self.down[...], packed.get("down"))

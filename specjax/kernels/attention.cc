@@ -1,0 +1,216 @@
+// Attention of a decode or verify step for XLA:CPU: T new tokens per row attend over
+// their row's cached K/V and over themselves, under an explicit mask; optionally the
+// new K/V are then written into the cache in place.
+//
+// Why: in XLA, the cache that a while-loop step both reads (attention) and updates
+// (dynamic-update-slice) is copied two or three times per layer per step, and V is
+// transposed for the dot: at a 1024-slot cache that is ~140 MB of copies a step,
+// more than the weights. Here one call reads the cache once and writes T slots.
+// It also skips masked slots, so a long cache bucket costs only the live prefix.
+//
+// Shapes (row-major): q [B, T, K, G, H]; k_cache, v_cache [B, K, S, H]; k_new, v_new
+// [B, T, K, H]; mask [B, T, S + T] (cache slots, then the new tokens); starts [B].
+// Every token's attended keys are visited in one order (cache slots ascending, then
+// new tokens), so its result does not depend on T: a token gets bitwise the same
+// attention in a one-token step and in a verify step.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+inline v16 load(const float* p) {
+  v16 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline v16 splat(float x) { return v16{} + x; }
+inline float hsum(v16 v) {
+  float s[16];
+  store(s, v);
+  float a = 0.f, b = 0.f;
+  for (int i = 0; i < 16; i += 2) a += s[i], b += s[i + 1];
+  return a + b;
+}
+
+// exp(x) for x <= 0, 16 lanes (Cephes expf: range reduction by ln 2, degree-6
+// polynomial; ~1 ulp). Lane-wise, so a value's result never depends on its lane.
+inline v16 exp16(v16 x) {
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;
+  const v16 t = x * 1.44269504088896341f + 0.5f;
+  i16 n = __builtin_convertvector(t, i16);
+  n -= (__builtin_convertvector(n, v16) > t) ? 1 : 0;  // floor
+  const v16 fn = __builtin_convertvector(n, v16);
+  const v16 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const v16 y = p * r * r + r + 1.0f;
+  const i16 bits = (n + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+template <class F>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, F f) {  // as in small_matmul.cc
+  const int64_t parts = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), n);
+  if (parts <= 1) {
+    if (n > 0) f(0, n);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto st = std::make_shared<State>();
+  auto work = [st, n, parts, f]() {
+    for (;;) {
+      const int64_t i = st->next.fetch_add(1);
+      if (i >= parts) return;
+      f(i * n / parts, (i + 1) * n / parts);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 1; i < parts; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (st->done.load(std::memory_order_acquire) < parts) __builtin_ia32_pause();
+}
+
+constexpr int kMaxG = 16;  // query heads per KV head handled in one pass
+
+struct Dims {
+  int64_t B, T, K, G, H, S;
+};
+
+// Output of token t of row b for KV head k (its G query heads).
+void attend_one(const Dims& d, const float* q, const float* kc, const float* vc, const float* kn,
+                const float* vn, const bool* mask, float* out, int64_t b, int64_t t, int64_t k,
+                std::vector<const float*>& keys, std::vector<const float*>& vals, std::vector<float>& sc) {
+  const int64_t H = d.H, G = d.G, S = d.S, T = d.T;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const bool* m = mask + (b * T + t) * (S + T);
+  keys.clear();
+  vals.clear();
+  const int64_t cache_off = (b * d.K + k) * S * H;
+  for (int64_t s = 0; s < S; ++s)
+    if (m[s]) keys.push_back(kc + cache_off + s * H), vals.push_back(vc + cache_off + s * H);
+  for (int64_t j = 0; j < T; ++j)
+    if (m[S + j]) {
+      const int64_t off = ((b * T + j) * d.K + k) * H;
+      keys.push_back(kn + off), vals.push_back(vn + off);
+    }
+  const int64_t n = static_cast<int64_t>(keys.size()), np = (n + 15) / 16 * 16;
+  const float* qb = q + ((b * T + t) * d.K + k) * G * H;
+  float* ob = out + ((b * T + t) * d.K + k) * G * H;
+  if (n == 0) {  // nothing visible: zeros (XLA's masked softmax would average garbage)
+    std::memset(ob, 0, sizeof(float) * G * H);
+    return;
+  }
+  sc.assign(G * np, -INFINITY);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* kr = keys[i];
+    for (int64_t g = 0; g < G; ++g) {
+      v16 acc{};
+      for (int64_t h = 0; h < H; h += 16) acc += load(qb + g * H + h) * load(kr + h);
+      sc[g * np + i] = hsum(acc) * scale;
+    }
+  }
+  float inv[kMaxG];
+  for (int64_t g = 0; g < G; ++g) {
+    float* row = sc.data() + g * np;
+    const float mx = *std::max_element(row, row + n);
+    v16 sum{};
+    for (int64_t i = 0; i < np; i += 16) {
+      const v16 in = load(row + i);
+      const v16 p = in == splat(-INFINITY) ? splat(0.f) : exp16(in - mx);  // padding lanes: 0
+      store(row + i, p);
+      sum += p;
+    }
+    inv[g] = 1.0f / hsum(sum);
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t h = 0; h < H; h += 16) {
+      v16 acc{};
+      for (int64_t i = 0; i < n; ++i) acc += sc[g * np + i] * load(vals[i] + h);
+      store(ob + g * H + h, acc * inv[g]);
+    }
+}
+
+template <bool Write>
+ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kc, ffi::Buffer<ffi::F32> vc,
+               ffi::Buffer<ffi::F32> kn, ffi::Buffer<ffi::F32> vn, ffi::Buffer<ffi::PRED> mask,
+               ffi::Buffer<ffi::S32> starts, ffi::ResultBuffer<ffi::F32> out, float* kc_out, float* vc_out) {
+  const auto qd = q.dimensions(), cd = kc.dimensions();
+  if (qd.size() != 5 || cd.size() != 4) return ffi::Error::InvalidArgument("attention: q must be 5-D, caches 4-D");
+  const Dims d{qd[0], qd[1], qd[2], qd[3], qd[4], cd[2]};
+  if (d.H % 16 || d.G > kMaxG) return ffi::Error::InvalidArgument("attention: head_dim % 16 and G <= 16 needed");
+  const float *qp = q.typed_data(), *kcp = kc.typed_data(), *vcp = vc.typed_data();
+  const float *knp = kn.typed_data(), *vnp = vn.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+  parallel_for(pool, d.B * d.T * d.K, [=](int64_t u0, int64_t u1) {
+    std::vector<const float*> keys, vals;
+    std::vector<float> sc;
+    keys.reserve(d.S + d.T), vals.reserve(d.S + d.T);
+    for (int64_t u = u0; u < u1; ++u)
+      attend_one(d, qp, kcp, vcp, knp, vnp, mp, op, u / (d.T * d.K), (u / d.K) % d.T, u % d.K, keys, vals, sc);
+  });
+  if (Write) {  // after every read of the old cache; outputs alias the cache inputs
+    const int64_t n = d.B * d.K * d.S * d.H;
+    if (kc_out != kcp) std::memcpy(kc_out, kcp, sizeof(float) * n);
+    if (vc_out != vcp) std::memcpy(vc_out, vcp, sizeof(float) * n);
+    const int32_t* sp = starts.typed_data();
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t t = 0; t < d.T; ++t) {
+        const int64_t slot = static_cast<int64_t>(sp[b]) + t;
+        if (slot < 0 || slot >= d.S) continue;  // the caller checks room; never write outside
+        for (int64_t k = 0; k < d.K; ++k) {
+          const int64_t dst = ((b * d.K + k) * d.S + slot) * d.H, src = ((b * d.T + t) * d.K + k) * d.H;
+          std::memcpy(kc_out + dst, knp + src, sizeof(float) * d.H);
+          std::memcpy(vc_out + dst, vnp + src, sizeof(float) * d.H);
+        }
+      }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error RunRead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kc, ffi::Buffer<ffi::F32> vc,
+                   ffi::Buffer<ffi::F32> kn, ffi::Buffer<ffi::F32> vn, ffi::Buffer<ffi::PRED> mask,
+                   ffi::Buffer<ffi::S32> starts, ffi::ResultBuffer<ffi::F32> out) {
+  return Run<false>(pool, q, kc, vc, kn, vn, mask, starts, out, nullptr, nullptr);
+}
+
+ffi::Error RunWrite(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kc,
+                    ffi::Buffer<ffi::F32> vc, ffi::Buffer<ffi::F32> kn, ffi::Buffer<ffi::F32> vn,
+                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> starts, ffi::ResultBuffer<ffi::F32> out,
+                    ffi::ResultBuffer<ffi::F32> kc_out, ffi::ResultBuffer<ffi::F32> vc_out) {
+  return Run<true>(pool, q, kc, vc, kn, vn, mask, starts, out, kc_out->typed_data(), vc_out->typed_data());
+}
+
+auto Inputs() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::PRED>>().Arg<ffi::Buffer<ffi::S32>>();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxAttendRead, RunRead, Inputs().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxAttendWrite, RunWrite,
+                              Inputs().Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
