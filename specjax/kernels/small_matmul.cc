@@ -226,10 +226,51 @@ ffi::Error Run(bool nk, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-// y[M, N] = x[M, K] @ dequant(W)^T for a block-quantized W [N, K] (Q41 or Q80):
-// four W rows at a time are dequantized once into a buffer that stays in L1, then
-// the float32 nk blocks run over it for all M rows. So the results are bitwise those
-// of the nk layout on the dequantized float32 matrix.
+// NB outputs [n0, n0 + NB) of MR rows from a block-quantized W [N, K]: each 32-weight
+// block is dequantized into registers once and used for all MR rows. A row accumulates
+// x[32b:+16] * lo then x[32b+16:+16] * hi for b = 0, 1, ... whatever MR and NB are
+// (the nk order), so its result does not depend on how many rows share the pass.
+template <int MR, int NB, class Q>
+void q_block(const float* x, int64_t K, const Q& w, float* y, int64_t N, int64_t n0) {
+  v16 acc[MR][NB] = {};
+  for (int64_t b = 0; b < K / 32; ++b) {
+    v16 lo[NB], hi[NB];
+    for (int j = 0; j < NB; ++j) w.deq(n0 + j, b, lo[j], hi[j]);
+    for (int m = 0; m < MR; ++m) {
+      const v16 xl = load(x + m * K + 32 * b), xh = load(x + m * K + 32 * b + 16);
+      for (int j = 0; j < NB; ++j) {
+        acc[m][j] += xl * lo[j];
+        acc[m][j] += xh * hi[j];
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NB; ++j) y[m * N + n0 + j] = hsum(acc[m][j]);
+}
+
+// A group of kGroup outputs in passes that fit 32 vector registers (MR x NB accumulators,
+// 2 x NB weights, 2 x): 4 outputs for up to 4 rows, 3 for 5-6 rows, 2 for 7-8 rows.
+constexpr int kGroup = 12;
+template <int MR, int NB, class Q>
+void q_group(const float* x, int64_t K, const Q& w, float* y, int64_t N, int64_t n0) {
+  for (int j = 0; j < kGroup; j += NB) q_block<MR, NB>(x, K, w, y, N, n0 + j);
+}
+template <class Q>
+void q_pass(int mr, const float* x, int64_t K, const Q& w, float* y, int64_t N, int64_t n0) {
+  switch (mr) {
+    case 1: return q_group<1, 4>(x, K, w, y, N, n0);
+    case 2: return q_group<2, 4>(x, K, w, y, N, n0);
+    case 3: return q_group<3, 4>(x, K, w, y, N, n0);
+    case 4: return q_group<4, 4>(x, K, w, y, N, n0);
+    case 5: return q_group<5, 3>(x, K, w, y, N, n0);
+    case 6: return q_group<6, 3>(x, K, w, y, N, n0);
+    case 7: return q_group<7, 2>(x, K, w, y, N, n0);
+    default: return q_group<8, 2>(x, K, w, y, N, n0);
+  }
+}
+
+// y[M, N] = x[M, K] @ dequant(W)^T for a block-quantized W [N, K] (Q41 or Q80), in
+// passes of up to 8 rows over groups of kGroup outputs.
 template <class Q>
 ffi::Error RunQuant(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, int64_t N, const Q& w,
                     ffi::ResultBuffer<ffi::F32>& y) {
@@ -237,27 +278,13 @@ ffi::Error RunQuant(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, int64_t N, 
   if (K != w.K || K % 32) return ffi::Error::InvalidArgument("quantized matmul: K must match and be a multiple of 32");
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
-  auto rows = [=](int64_t n0, int64_t n1) {  // outputs [n0, n1), n1 - n0 <= 4
-    float buf[4 * K] __attribute__((aligned(64)));
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t b = 0; b < K / 32; ++b) {
-        v16 lo, hi;
-        w.deq(n, b, lo, hi);
-        store(buf + (n - n0) * K + 32 * b, lo);
-        store(buf + (n - n0) * K + 32 * b + 16, hi);
-      }
-    if (n1 - n0 == 4) {
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
-        nk_block_rows(static_cast<int>(std::min<int64_t>(kMaxRows, M - m0)), xp + m0 * K, K, buf, N,
-                      yp + m0 * N + n0, 0, 0, K);
-    } else {
-      scalar_cols(true, xp, M, K, buf, N, yp + n0, 0, n1 - n0);
-    }
-  };
-  parallel_for(pool, N / 4, [=](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) rows(4 * g, 4 * g + 4);
+  parallel_for(pool, N / kGroup, [=](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t m0 = 0; m0 < M; m0 += 8)
+        q_pass(static_cast<int>(std::min<int64_t>(8, M - m0)), xp + m0 * K, K, w, yp + m0 * N, N, kGroup * g);
   });
-  if (N % 4) rows(N / 4 * 4, N);
+  for (int64_t n = N / kGroup * kGroup; n < N; ++n)  // the last N % kGroup outputs
+    for (int64_t m0 = 0; m0 < M; ++m0) q_block<1, 1>(xp + m0 * K, K, w, yp + m0 * N, N, n);
   return ffi::Error::Success();
 }
 
