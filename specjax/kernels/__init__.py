@@ -61,7 +61,7 @@ def _build() -> str:
   """Compiles the kernels' sources (once per source/jaxlib/CPU) and returns the library path."""
   import jaxlib
   src = b""
-  for path in _SOURCES:
+  for path in _SOURCES + [os.path.join(os.path.dirname(_SOURCES[0]), "common.h")]:
     with open(path, "rb") as f:
       src += f.read()
   key = hashlib.sha256(src + jaxlib.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]

@@ -21,30 +21,18 @@
 #include <memory>
 #include <vector>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
+using namespace specjax;
+
 typedef int32_t i16 __attribute__((vector_size(64)));
 
-inline v16 load(const float* p) {
-  v16 r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 inline v16 splat(float x) { return v16{} + x; }
-inline float hsum(v16 v) {
-  float s[16];
-  store(s, v);
-  float a = 0.f, b = 0.f;
-  for (int i = 0; i < 16; i += 2) a += s[i], b += s[i + 1];
-  return a + b;
-}
-
 // exp(x) for x <= 0, 16 lanes (Cephes expf: range reduction by ln 2, degree-6
 // polynomial; ~1 ulp). Lane-wise, so a value's result never depends on its lane.
 inline v16 exp16(v16 x) {
@@ -65,30 +53,6 @@ inline v16 exp16(v16 x) {
   v16 scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return y * scale;
-}
-
-template <class F>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, F f) {  // as in small_matmul.cc
-  const int64_t parts = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), n);
-  if (parts <= 1) {
-    if (n > 0) f(0, n);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto st = std::make_shared<State>();
-  auto work = [st, n, parts, f]() {
-    for (;;) {
-      const int64_t i = st->next.fetch_add(1);
-      if (i >= parts) return;
-      f(i * n / parts, (i + 1) * n / parts);
-      st->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 1; i < parts; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  while (st->done.load(std::memory_order_acquire) < parts) __builtin_ia32_pause();
 }
 
 constexpr int kMaxG = 16;  // query heads per KV head handled in one pass
