@@ -40,6 +40,15 @@ class Sampling:
     return self.temperature == 0.0
 
 
+def argmax(x: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (first index on ties, the first NaN if any), as two
+  plain reductions: XLA:CPU runs argmax's value+index reduce as a scalar loop, ~1 ns a
+  logit (0.3 ms for a 6-token verify over 49k logits, 5% of a decode step)."""
+  top = jnp.max(x, axis=-1, keepdims=True)
+  hit = (x == top) | jnp.isnan(x)
+  return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+
+
 def warp(logits: jax.Array, sampling: Sampling) -> jax.Array:
   """Applies the policy to logits [..., V] and returns probabilities [..., V].
 
@@ -51,7 +60,7 @@ def warp(logits: jax.Array, sampling: Sampling) -> jax.Array:
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
   if sampling.greedy:
-    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), vocab, dtype=jnp.float32)
+    return jax.nn.one_hot(argmax(logits), vocab, dtype=jnp.float32)
   logits = logits / sampling.temperature
   if sampling.top_k and sampling.top_k < vocab:
     kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]

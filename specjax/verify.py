@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from specjax.sampling import Sampling, sample, warp
+from specjax.sampling import Sampling, argmax, sample, warp
 
 
 def _accept_row(p, drafts, q, key):
@@ -55,7 +55,7 @@ def _accept_row(p, drafts, q, key):
 
 
 def _greedy(logits, drafts):
-  target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+  target = argmax(logits)  # [B, k+1]
   match = (drafts == target[:, :-1]).astype(jnp.int32)
   n_acc = jnp.sum(jnp.cumprod(match, axis=-1), axis=-1)
   return n_acc, jnp.take_along_axis(target, n_acc[:, None], axis=1)[:, 0]

@@ -199,3 +199,17 @@ def test_sample_follows_probs_and_accepts_unnormalised_rows():
   pvalue = stats.chisquare(counts[[0, 2, 3]], probs[[0, 2, 3]] * len(draws)).pvalue
   assert pvalue >= 1e-3, pvalue
   assert not math.isnan(pvalue)
+
+
+def test_argmax_equals_jnp_argmax_with_ties_nan_and_inf():
+  """The two-reduction argmax (used by greedy verify and drafting) against jnp.argmax."""
+  from specjax.sampling import argmax
+  rng = np.random.default_rng(0)
+  for t in range(100):
+    x = rng.integers(-3, 3, size=(4, 7, 50)).astype(np.float32)  # many ties
+    if t % 3 == 0:
+      x[0, 1, rng.integers(50)] = np.nan
+      x[1, 2, rng.integers(50, size=2)] = np.nan
+    if t % 5 == 0:
+      x[2, 3, :] = -np.inf
+    np.testing.assert_array_equal(argmax(jnp.asarray(x)), jnp.argmax(jnp.asarray(x), axis=-1))

@@ -26,7 +26,7 @@ from flax import nnx, struct
 from specjax import cache as cache_lib
 from specjax.drafters.base import Context, Drafter
 from specjax.models.model import Model
-from specjax.sampling import sample, warp
+from specjax.sampling import argmax, sample, warp
 
 
 @struct.dataclass
@@ -76,7 +76,7 @@ class DraftModel(Drafter):
       logits, cache = self._step(module, cache, token[:, None], cache.lengths[:, None])
       cache = cache_lib.advance(cache, jnp.ones((B,), jnp.int32))
       if sampling.greedy:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token = argmax(logits)
       else:
         q = warp(logits, sampling)
         token = jax.vmap(lambda key, p: sample(jax.random.fold_in(key, i), p))(keys, q)

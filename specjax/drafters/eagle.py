@@ -28,7 +28,7 @@ from flax import nnx, struct
 from specjax.drafters.base import Context, Drafter
 from specjax.models.heads import DraftHead, HeadConfig, draft_to_full, target_tables
 from specjax.models.llama import causal_mask
-from specjax.sampling import sample, warp
+from specjax.sampling import argmax, sample, warp
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
 
@@ -102,7 +102,7 @@ class Eagle(Drafter):
                              dstate.replace(k=k, v=v), slot)
       logits = module.logits(h[:, 0], weights["w_out"])  # [B, N]
       if sampling.greedy:
-        token = jnp.take(d2t, jnp.argmax(logits, axis=-1))
+        token = jnp.take(d2t, argmax(logits))
       else:
         q = warp(draft_to_full(logits, d2t, vocab), sampling)
         token = jax.vmap(lambda key, p: sample(jax.random.fold_in(key, i), p))(keys, q)
