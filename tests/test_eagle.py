@@ -14,7 +14,7 @@ from specjax import cache as cache_lib
 from specjax import testing
 from specjax.drafters import Context
 from specjax.drafters.eagle import Eagle
-from specjax.drafters.head_io import load_head, save_head
+from specjax.drafters.head_io import load_head, save_head, trained_params
 from specjax.models.heads import DraftHead, HeadConfig
 from specjax.train.losses import unroll
 from specjax.verify import accept_chain
@@ -46,7 +46,8 @@ def test_make_drafter_names_and_missing_head():
 
 @pytest.mark.parametrize("kind,layers", [("eagle3", (0, 1)), ("mtp", ())])
 def test_drafts_match_the_training_unroll(kind, layers):
-  """propose() at T=1 gives the same q as the training-time-test unroll fed the same tokens."""
+  """propose() at T=1 gives the same q as the training-time-test unroll fed the same tokens
+  (with the same weights: the drafter's packed Q8_0 copies, see heads.pack_head)."""
   model = testing.tiny_model(scale=2.0)
   k = 3
   d = _drafter(model, kind, layers, k=k)
@@ -63,7 +64,7 @@ def test_drafts_match_the_training_unroll(kind, layers):
   _, _, f2 = mod(seq, jnp.arange(seq.shape[1])[None], model.new_cache(1, seq.shape[1]), feature_layers=layers)
   feats_in = f2["layers"] if kind == "eagle3" else f2["hidden"][:, :, None]
   batch = {"feats": feats_in, "tokens": seq, "pos0": jnp.zeros((1,), jnp.int32)}
-  frozen = {"embed": d.weights["embed"], "w_out": d.weights["w_out"]}
+  frozen = {"embed": d.weights["embed"], "w_out": d.weights["w_out"], "w_out_packed": d.weights["w_out_packed"]}
   head = nnx.merge(d.graphdef, d.weights["head"])
   for j, _, logits in unroll(head, frozen, batch, k):
     want = jax.nn.softmax(logits[0, n - 2])
@@ -129,7 +130,7 @@ def test_head_files_roundtrip_and_refusals(tmp_path):
   cfg, params, d2t = load_head(path, model.config)
   assert cfg == d.head and np.array_equal(d2t, d.weights["d2t"])
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               nnx.to_pure_dict(params), nnx.to_pure_dict(d.weights["head"]))
+               nnx.to_pure_dict(params), trained_params(d.weights["head"]))
   loaded = Eagle.load(path, model=model, k=3)
   prompts = testing.random_prompts(2, 64)
   assert sj.generate(model, prompts, drafter=loaded, max_new_tokens=8).tokens == \
@@ -173,3 +174,16 @@ def test_real_model_greedy_identity_with_shipped_heads(kind, k):
   out = sj.generate(model, prompts, drafter=d, max_new_tokens=32, chat=True)
   assert out.tokens == ar.tokens
   assert out.stats["mean_accepted"] > 1.1  # a trained head (a random one accepts ~nothing)
+
+
+def test_drafter_reads_packed_copies_of_every_head_matrix():
+  """from_head adds Q8_0 copies (the CPU kernel's draft steps read them); the trained
+  float32 parameters stay as they were and are what save_head writes."""
+  model = testing.tiny_model()
+  d = _drafter(model, "eagle3", (0, 1))
+  head = nnx.merge(d.graphdef, d.weights["head"])
+  assert set(head.block.packed.get_value()) == {"qkv", "out", "gate_up", "down"}
+  assert set(head.packed.get_value()) == {"fuse", "proj", "lm_head"}
+  assert "packed" not in trained_params(d.weights["head"])["block"]
+  from specjax.kernels import quantize_q8_0
+  assert quantize_q8_0(np.zeros((48, 8), np.float32)) is None  # K not a multiple of 32

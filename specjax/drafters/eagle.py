@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from specjax.drafters.base import Context, Drafter
-from specjax.models.heads import DraftHead, HeadConfig, draft_to_full, target_tables
+from specjax.kernels import quantize_q8_0
+from specjax.models.heads import DraftHead, HeadConfig, draft_to_full, pack_head, target_tables
 from specjax.models.llama import causal_mask
 from specjax.sampling import argmax, sample, warp
 
@@ -100,7 +101,7 @@ class Eagle(Drafter):
         slot = jnp.minimum(ctx.length - 2 + i, k.shape[2] - 1)
         h, k, v = self._pass(module, weights, h, token[:, None], slot[:, None],
                              dstate.replace(k=k, v=v), slot)
-      logits = module.logits(h[:, 0], weights["w_out"])  # [B, N]
+      logits = module.logits(h[:, 0], weights["w_out"], weights["w_out_packed"])  # [B, N]
       if sampling.greedy:
         token = jnp.take(d2t, argmax(logits))
       else:
@@ -119,9 +120,13 @@ class Eagle(Drafter):
     check_target(head_cfg, model.config)
     module = nnx.eval_shape(lambda: DraftHead(head_cfg, nnx.Rngs(0)))
     graphdef, _ = nnx.split(module)
+    module = nnx.merge(graphdef, head_params)
+    pack_head(module)
+    graphdef, head_params = nnx.split(module)
     d2t = jnp.asarray(d2t, jnp.int32)
     embed, w_out = target_tables(model.params, model.config, d2t)
-    weights = {"head": head_params, "d2t": d2t, "embed": embed, "w_out": w_out}
+    w_out_packed = None if head_cfg.own_head else quantize_q8_0(w_out)
+    weights = {"head": head_params, "d2t": d2t, "embed": embed, "w_out": w_out, "w_out_packed": w_out_packed}
     fp = model.tokenizer.fingerprint() if model.tokenizer is not None else None
     return cls(k=k, weights=weights, vocab_size=model.config.vocab_size, tokenizer_fingerprint=fp,
                feature_layers=head_cfg.feature_layers, head=head_cfg, graphdef=graphdef)

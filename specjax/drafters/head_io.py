@@ -38,10 +38,20 @@ def head_config_from_json(meta: dict) -> HeadConfig:
                     feature_layers=tuple(meta.get("feature_layers", ())))
 
 
-def save_head(path: str, cfg: HeadConfig, params, d2t, *, dtype=jnp.bfloat16, recipe: dict | None = None):
-  """Writes a head directory (overwrites). params: nnx.State or its pure dict."""
-  import orbax.checkpoint as ocp
+def trained_params(params) -> dict:
+  """The pure dict of a head's trained parameters: without the packed copies a drafter
+  adds at load (heads.pack_head), which are derived, lossy and not part of the file."""
   pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+  if isinstance(pure, dict):
+    return {k: trained_params(v) for k, v in pure.items() if k != "packed"}
+  return pure
+
+
+def save_head(path: str, cfg: HeadConfig, params, d2t, *, dtype=jnp.bfloat16, recipe: dict | None = None):
+  """Writes a head directory (overwrites). params: nnx.State or its pure dict (a drafter's
+  `weights["head"]` too: its packed copies are left out)."""
+  import orbax.checkpoint as ocp
+  pure = trained_params(params)
   tree = {"head": jax.tree.map(lambda x: jnp.asarray(x, dtype), pure), "d2t": jnp.asarray(d2t, jnp.int32)}
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)

@@ -148,6 +148,17 @@ def pack(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return (quants if kind == "q4_1" else quants.view(np.int8)), scales
 
 
+def quantize_q8_0(w) -> tuple[jax.Array, jax.Array] | None:
+  """A float32 [K, N] kernel as packed Q8_0 rows (gguf-py's quantizer), or None when K is
+  not a multiple of 32. Lossy: for drafters, whose approximations verification absorbs."""
+  import gguf
+  w = np.asarray(w, np.float32)
+  if w.ndim != 2 or w.shape[0] % 32:
+    return None
+  blocks = gguf.quants.quantize(np.ascontiguousarray(w.T), gguf.GGMLQuantizationType.Q8_0)
+  return tuple(jnp.asarray(a) for a in pack("q8_0", blocks))
+
+
 def _packed_kind(packed) -> str:
   return "q4_1" if packed[0].dtype == jnp.uint8 else "q8_0"
 

@@ -65,7 +65,7 @@ def unroll(module: DraftHead, frozen: dict, batch: dict, steps: int):
     positions = batch["pos0"][:, None] + t + j
     h, k_cache, v_cache = module(feat, emb, positions, k_cache, v_cache, jnp.full((B,), j * L, jnp.int32),
                                  ttt_mask(L, j, steps))
-    yield j, h, module.logits(h, frozen["w_out"])
+    yield j, h, module.logits(h, frozen["w_out"], frozen.get("w_out_packed"))
     feat = h
 
 
