@@ -47,9 +47,10 @@ class LlamaConfig:
 
 
 class Packed(nnx.Variable):
-  """{weight name: (quants, scales)}: weights also kept in their GGUF block quantization
-  (see `specjax.kernels.pack`) for the CPU kernel. Exactly the float32 weights beside
-  them, dequantized; a transform of those must drop this (set the attribute to None)."""
+  """{weight name: (quants, scales)}: weights also kept block-quantized (see
+  `specjax.kernels.pack`) for the CPU kernel's decode/verify steps. A target's are its GGUF
+  blocks, exactly the float32 weights beside them; a drafter's may be a lossy Q8_0 copy
+  (`heads.pack_head`). A transform of the float32 weights must drop them (set to None)."""
 
 
 def _packed(module: nnx.Module) -> dict:
