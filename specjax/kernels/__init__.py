@@ -36,12 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_ROWS = 32
-_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), f) for f in ("small_matmul.cc", "attention.cc")]
-_TARGETS = {"kn": "specjax_matmul_kn", "nk": "specjax_matmul_nk", "q4_1": "specjax_matmul_q4_1",
-            "q8_0": "specjax_matmul_q8_0"}
-_TARGETS.update(attend_read="specjax_attend_read", attend_write="specjax_attend_write")
-_SYMBOLS = {"kn": "SpecjaxMatmulKN", "nk": "SpecjaxMatmulNK", "q4_1": "SpecjaxMatmulQ41", "q8_0": "SpecjaxMatmulQ80",
-            "attend_read": "SpecjaxAttendRead", "attend_write": "SpecjaxAttendWrite"}
+_DIR = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = [os.path.join(_DIR, f) for f in ("small_matmul.cc", "attention.cc")]
+_HEADER = os.path.join(_DIR, "common.h")
+# kernel -> the C symbol of its FFI handler (registered as target "specjax_<kernel>").
+_HANDLERS = {"kn": "SpecjaxMatmulKN", "nk": "SpecjaxMatmulNK", "q4_1": "SpecjaxMatmulQ41",
+             "q8_0": "SpecjaxMatmulQ80", "attend_read": "SpecjaxAttendRead", "attend_write": "SpecjaxAttendWrite"}
+_TARGETS = {kind: f"specjax_{kind}" for kind in _HANDLERS}
 # GGUF block layouts the kernel reads: (bytes of scales, bytes of quants) per 32 weights.
 PACKED_KINDS = {"q4_1": (4, 16), "q8_0": (2, 32)}
 
@@ -61,7 +62,7 @@ def _build() -> str:
   """Compiles the kernels' sources (once per source/jaxlib/CPU) and returns the library path."""
   import jaxlib
   src = b""
-  for path in _SOURCES + [os.path.join(os.path.dirname(_SOURCES[0]), "common.h")]:
+  for path in _SOURCES + [_HEADER]:
     with open(path, "rb") as f:
       src += f.read()
   key = hashlib.sha256(src + jaxlib.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
@@ -92,8 +93,8 @@ def kernel_available() -> bool:
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(_build())
-    for kind, target in _TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[kind])), platform="cpu")
+    for kind, symbol in _HANDLERS.items():
+      jax.ffi.register_ffi_target(_TARGETS[kind], jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   except (OSError, RuntimeError, AttributeError) as e:
     warnings.warn(f"specjax: CPU small-matmul kernel unavailable, using XLA dots ({e})", stacklevel=2)
     return False
@@ -106,27 +107,33 @@ def _use_kernel(x: jax.Array, w: jax.Array) -> bool:
           and jax.default_backend() == "cpu" and kernel_available())
 
 
-def _ffi(layout: str, x2: jax.Array, w: jax.Array) -> jax.Array:
-  n = w.shape[1] if layout == "kn" else w.shape[0]
-  out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
-  return jax.ffi.ffi_call(_TARGETS[layout], out, vmap_method="sequential")(x2, w)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _small(layout: str, x: jax.Array, w: jax.Array) -> jax.Array:
-  y = _ffi(layout, x.reshape(-1, x.shape[-1]), w)
-  return y.reshape(x.shape[:-1] + (y.shape[-1],))
+def _small(layout: str, x: jax.Array, w: jax.Array, packed=()) -> jax.Array:
+  """x @ w ("kn") or x @ w.T ("nk") by the kernel; with `packed` (w.T block-quantized,
+  see `pack`) it reads those blocks instead of w, which then only serves the backward."""
+  n = w.shape[1] if layout == "kn" else w.shape[0]
+  if packed and packed[0].shape[0] != n:
+    raise ValueError(f"packed weight has {packed[0].shape[0]} rows, the float32 weight {n} outputs")
+  x2 = x.reshape(-1, x.shape[-1])
+  target = _TARGETS[_packed_kind(packed) if packed else layout]
+  out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
+  y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(x2, *(packed or (w,)))
+  return y.reshape(x.shape[:-1] + (n,))
 
 
-def _small_fwd(layout, x, w):
-  return _small(layout, x, w), (x, w)
+def _small_fwd(layout, x, w, packed=()):
+  return _small(layout, x, w, packed), (x, w, packed)
 
 
 def _small_bwd(layout, res, g):
-  x, w = res
+  x, w, packed = res
+  zero = lambda a: (np.zeros(a.shape, jax.dtypes.float0) if jnp.issubdtype(a.dtype, jnp.integer)
+                    else jnp.zeros_like(a))
   if layout == "kn":  # y = x @ w
-    return g @ w.T, jnp.einsum("...k,...n->kn", x, g)
-  return g @ w, jnp.einsum("...n,...k->nk", g, x)  # y = x @ w.T
+    grads = g @ w.T, jnp.einsum("...k,...n->kn", x, g)
+  else:  # y = x @ w.T
+    grads = g @ w, jnp.einsum("...n,...k->nk", g, x)
+  return grads + (tuple(zero(a) for a in packed),)
 
 
 _small.defvjp(_small_fwd, _small_bwd)
@@ -163,43 +170,18 @@ def _packed_kind(packed) -> str:
   return "q4_1" if packed[0].dtype == jnp.uint8 else "q8_0"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _small_packed(layout: str, x: jax.Array, w: jax.Array, packed) -> jax.Array:
-  n = w.shape[1] if layout == "kn" else w.shape[0]
-  if packed[0].shape[0] != n:
-    raise ValueError(f"packed weight has {packed[0].shape[0]} rows, the float32 weight {n} outputs")
-  x2 = x.reshape(-1, x.shape[-1])
-  out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
-  y = jax.ffi.ffi_call(_TARGETS[_packed_kind(packed)], out, vmap_method="sequential")(x2, *packed)
-  return y.reshape(x.shape[:-1] + (n,))
-
-
-def _small_packed_fwd(layout, x, w, packed):
-  return _small_packed(layout, x, w, packed), (x, w, packed)
-
-
-def _small_packed_bwd(layout, res, g):
-  x, w, packed = res
-  zero = lambda a: (np.zeros(a.shape, jax.dtypes.float0) if jnp.issubdtype(a.dtype, jnp.integer)
-                    else jnp.zeros_like(a))
-  return _small_bwd(layout, (x, w), g) + (tuple(zero(a) for a in packed),)
-
-
-_small_packed.defvjp(_small_packed_fwd, _small_packed_bwd)
-
-
 def dense(x: jax.Array, w: jax.Array, packed=None) -> jax.Array:
   """x [..., K] @ w [K, N] -> [..., N]; `packed` is w.T quantized (see `pack`), or None."""
   if not _use_kernel(x, w):
     return x @ w
-  return _small("kn", x, w) if packed is None else _small_packed("kn", x, w, tuple(packed))
+  return _small("kn", x, w, tuple(packed or ()))
 
 
 def unembed(x: jax.Array, e: jax.Array, packed=None) -> jax.Array:
   """x [..., K] @ e.T for e [N, K] (a tied embedding used as the LM head) -> [..., N]."""
   if not _use_kernel(x, e):
     return jnp.einsum("...K,NK->...N", x, e)
-  return _small("nk", x, e) if packed is None else _small_packed("nk", x, e, tuple(packed))
+  return _small("nk", x, e, tuple(packed or ()))
 
 
 # ---- attention of decode / verify steps (attention.cc) ----------------------------------------
