@@ -191,16 +191,28 @@ def attention_reference(q, k_cache, v_cache, k_new=None, v_new=None, *, mask):
 
   q [B, T, K, G, H]; k_cache, v_cache [B, K, S, H]; k_new, v_new [B, T, K, H] or None;
   mask [B, T, S (+ T)] (cache slots, then the new tokens) -> [B, T, K, G, H].
+
+  Laid out for XLA:CPU's GEMMs: the G query heads of a KV head and the T tokens form
+  one [G*T, H] operand, the caches are used as stored, and the softmax is normalised
+  after P.V (one divide of [.., H] instead of [.., S]). The einsum form over [B, K, G, T, S]
+  made XLA transpose K, the masked scores and the probabilities: 2.4x slower in prefill.
   """
+  B, T, K, G, H = q.shape
   S = k_cache.shape[2]
-  scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_cache)
+  qm = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(B, K, G * T, H)
+  scores = jnp.einsum("BKMH,BKSH->BKMS", qm, k_cache)
   if k_new is not None:
-    scores = jnp.concatenate([scores, jnp.einsum("BTKGH,BSKH->BKGTS", q, k_new)], axis=-1)
-  scores = scores.astype(jnp.float32) * q.shape[-1]**-0.5
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-  out = jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :S], v_cache)
-  return out if v_new is None else out + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:], v_new)
+    scores = jnp.concatenate([scores, jnp.einsum("BKMH,BSKH->BKMS", qm, k_new)], axis=-1)
+  scores = scores.reshape(B, K, G, T, -1).astype(jnp.float32) * H**-0.5
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)  # an empty row: uniform
+  e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+  denom = jnp.sum(e, axis=-1, keepdims=True)
+  e = e.reshape(B, K, G * T, -1).astype(v_cache.dtype)
+  out = jnp.einsum("BKMS,BKSH->BKMH", e[..., :S], v_cache)
+  if v_new is not None:
+    out = out + jnp.einsum("BKMS,BSKH->BKMH", e[..., S:], v_new)
+  out = (out.reshape(B, K, G, T, H).astype(jnp.float32) / denom).astype(q.dtype)
+  return jnp.transpose(out, (0, 3, 1, 2, 4))
 
 
 def _attention_xla(write, q, k_cache, v_cache, k_new, v_new, mask, starts):
