@@ -32,7 +32,7 @@ def op_table(fn, args, reps: int = 3, top: int = 25) -> list[str]:
   """Trace `reps` calls of jitted fn; op wall time per call summed by (kind, shape)."""
   shapes = {}
   for line in fn.lower(*args).compile().as_text().splitlines():
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ([a-z0-9]+\[[0-9,]*\])", line)
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \(?([a-z0-9]+\[[0-9,]*\])", line)  # tuples: 1st
     if m:
       shapes[m.group(1)] = m.group(2)
   with tempfile.TemporaryDirectory() as d:
