@@ -55,6 +55,26 @@ inline v16 exp16(v16 x) {
   return y * scale;
 }
 
+constexpr i16 kLane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// Lane i of the result = the sum of the 16 lanes of a[i]: one shuffle-add tree for 16
+// vectors (15 adds, 30 shuffles) instead of 16 separate horizontal sums. The adds a
+// lane sum goes through depend only on the lane, not on the other vectors.
+inline v16 sum_lanes16(const v16* a) {
+  v16 b[8], c[4], d[2];
+  for (int j = 0; j < 8; ++j)
+    b[j] = __builtin_shufflevector(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * j], a[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int j = 0; j < 4; ++j)
+    c[j] = __builtin_shufflevector(b[2 * j], b[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * j], b[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int j = 0; j < 2; ++j)
+    d[j] = __builtin_shufflevector(c[2 * j], c[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * j], c[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 constexpr int kMaxG = 16;  // query heads per KV head handled in one pass
 
 struct Dims {
@@ -113,13 +133,19 @@ void attend_one(const Dims& d, const float* q, const float* kc, const float* vc,
     std::memset(ob, 0, sizeof(float) * G * H);
     return;
   }
-  sc.assign(G * np, -INFINITY);
-  for (int64_t i = 0; i < n; ++i) {
-    const float* kr = keys[i];
+  sc.resize(G * np);  // every 16-key block is written in full below
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {  // 16 keys at a time, their lane sums in one tree
+    const float* kr[16];
+    for (int j = 0; j < 16; ++j) kr[j] = keys[std::min(i0 + j, n - 1)];  // past n: any key, masked
+    const i16 valid = kLane < static_cast<int32_t>(n - i0);
     for (int64_t g = 0; g < G; ++g) {
-      v16 acc{};
-      for (int64_t h = 0; h < H; h += 16) acc += load(qb + g * H + h) * load(kr + h);
-      sc[g * np + i] = hsum(acc) * scale;
+      v16 acc[16] = {};
+      for (int64_t h = 0; h < H; h += 16) {
+        const v16 qh = load(qb + g * H + h);
+        for (int j = 0; j < 16; ++j) acc[j] += qh * load(kr[j] + h);
+      }
+      const v16 s = sum_lanes16(acc) * scale;
+      store(sc.data() + g * np + i0, valid ? s : splat(-INFINITY));
     }
   }
   float inv[kMaxG];
