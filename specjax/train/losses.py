@@ -82,14 +82,16 @@ def head_loss(params, graphdef, frozen: dict, batch: dict, unroll_steps: int, pr
   tokens, length = batch["tokens"], batch["length"]
   t = jnp.arange(tokens.shape[1])[None, :]
   total, weight_sum, accs = 0.0, 0.0, []
+  soft = soft_labels and module.cfg.kind != "eagle1"
+  if soft:  # the target's distribution at every index, once: step j reads it shifted by 1 + j
+    dist = jax.lax.stop_gradient(jax.nn.softmax(batch["hidden"] @ frozen["w_out"], axis=-1))
   for j, h, logits in unroll(module, frozen, batch, unroll_steps):
     label = jnp.take(frozen["t2d"], _shift(tokens, 2 + j))
     valid = t + 2 + j <= length[:, None] - 1
     w = valid * jnp.where(t + 2 + j >= batch["resp_start"][:, None], 1.0, prompt_weight)
     in_vocab = label >= 0
-    if soft_labels and module.cfg.kind != "eagle1":
-      target = jax.nn.softmax(_shift(batch["hidden"], 1 + j) @ frozen["w_out"], axis=-1)
-      loss_j = optax.softmax_cross_entropy(logits, jax.lax.stop_gradient(target))
+    if soft:
+      loss_j = optax.softmax_cross_entropy(logits, _shift(dist, 1 + j))
     else:
       loss_j = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(label, 0)) * in_vocab
     if module.cfg.kind == "eagle1":
