@@ -1,4 +1,5 @@
 """EAGLE / MTP drafters: identity with AR, train/inference agreement, losslessness, head files."""
+import dataclasses
 import os
 import shutil
 
@@ -84,13 +85,18 @@ def _chi2_pvalue(samples, law):
   return float(stats.chisquare(obs, exp).pvalue)
 
 
-@pytest.mark.parametrize("sampling", [sj.Sampling(temperature=1.0), sj.Sampling(temperature=0.8, top_k=20)])
-def test_lossless_first_token_chi_square(sampling):
+@pytest.mark.parametrize("sampling,confident", [(sj.Sampling(temperature=1.0), False),
+                                                 (sj.Sampling(temperature=0.8, top_k=20), False),
+                                                 (sj.Sampling(temperature=1.0), True)])
+def test_lossless_first_token_chi_square(sampling, confident):
   """24,000 seeded rows: the first emitted token follows the warped target law exactly,
-  with an EAGLE-3 drafter whose q is zero outside a 24-of-64 draft vocabulary."""
+  with an EAGLE-3 drafter whose q is zero outside a 24-of-64 draft vocabulary; `confident`:
+  rows stop drafting below a confidence threshold (about half of them after draft 1)."""
   model = testing.tiny_model(scale=2.0)
   B, k = 24_000, 3
   d = _drafter(model, "eagle3", (0, 1), k=k, n=24)
+  if confident:
+    d = dataclasses.replace(d, min_confidence=_median_second_top(model, d, sampling))
   prompt = jnp.tile(jnp.asarray([[4, 11, 30, 7, 19]], jnp.int32), (B, 1))
   P = prompt.shape[1]
   mod = model.module()
@@ -109,17 +115,74 @@ def test_lossless_first_token_chi_square(sampling):
     tokens = jnp.concatenate([prompt[:, -1:], drafts], axis=1)
     logits, _, _ = mod(tokens, cache.lengths[:, None] + jnp.arange(k + 1)[None], cache)
     n_acc, out = accept_chain(logits, drafts, q, sampling, jax.vmap(lambda s: jax.random.key(s + B))(jnp.arange(B)))
-    return out[:, 0], n_acc, q, drafts[:, 0]
+    return out[:, 0], n_acc, q, drafts
 
-  first, n_acc, q, draft0 = jax.device_get(first_tokens(model.params, d.weights))
+  first, n_acc, q, drafts = jax.device_get(first_tokens(model.params, d.weights))
+  draft0 = drafts[:, 0]
   logits = sj.forward_logits(model, prompt[0])[-1]
   law = np.asarray(sj.warp(logits, sampling), np.float64)
   outside = np.setdiff1d(np.arange(64), np.asarray(d.weights["d2t"]))
   assert np.all(q[:, :, outside] == 0)
+  if confident:  # every row drafted once, about half of them a second time
+    assert (draft0 >= 0).all() and 0.3 < (drafts[:, 1] < 0).mean() < 0.7
   assert 0.05 < (n_acc > 0).mean() < 0.95  # both the accept and the residual paths ran
   assert _chi2_pvalue(first, law) > 1e-3
   # The check has power: the drafts themselves (q's law, not p's) fail it.
   assert _chi2_pvalue(draft0, law) < 1e-6
+
+
+def _median_second_top(model, d, sampling) -> float:
+  """The median over seeds of the head's top probability at draft 2 after the test prompt
+  (draft 1's q is the same for every seed; draft 2's depends on the token drawn at 1)."""
+  prompt = jnp.asarray([[4, 11, 30, 7, 19]], jnp.int32)
+  P = prompt.shape[1]
+  _, _, feats = model.module()(prompt, jnp.arange(P)[None], model.new_cache(1, P), feature_layers=(0, 1))
+  ctx = Context(prompt, jnp.array([P]), feats, jnp.zeros((1,), jnp.int32))
+  dstate = d.init(d.weights, ctx, sampling, 16)
+  tops = []
+  for seed in range(64):
+    _, _, q = d.propose(d.weights, dstate, ctx, jax.random.split(jax.random.key(seed), 1), sampling)
+    tops.append(float(q[0, 1].max()))
+    first_top = float(q[0, 0].max())
+  c = float(np.median(tops))
+  assert c < first_top, "test setup: draft 1 must stay above the threshold"
+  return c
+
+
+def test_confidence_stops_drafting_and_keeps_greedy_identity():
+  """min_confidence: a row whose head is unsure proposes nothing (-1: a smaller verify), the
+  others keep drafting; the output still equals AR token for token."""
+  model = testing.tiny_model(scale=4.0)
+  P = 12
+  prompts = np.random.default_rng(3).integers(1, model.config.vocab_size, (6, P)).tolist()
+  full = _drafter(model, "eagle3", (0, 1), k=3)
+  greedy = sj.Sampling(temperature=0.0)
+  history = jnp.asarray(prompts, jnp.int32)
+  _, _, feats = model.module()(history, jnp.broadcast_to(jnp.arange(P), (6, P)), model.new_cache(6, P),
+                               feature_layers=(0, 1))
+  ctx = Context(history, jnp.full((6,), P), feats, jnp.zeros((6,), jnp.int32))
+  dstate = full.init(full.weights, ctx, greedy, 32)
+  keys = jax.random.split(jax.random.key(0), 6)
+  head = nnx.merge(full.graphdef, full.weights["head"])
+  top = np.asarray(jax.nn.softmax(head.logits(dstate.h, full.weights["w_out"], full.weights["w_out_packed"])).max(-1))
+  c = float(np.median(top))
+  d = dataclasses.replace(full, min_confidence=c)
+  assert d.may_pad and not full.may_pad
+  _, want, _ = full.propose(full.weights, dstate, ctx, keys, greedy)
+  _, got, _ = d.propose(d.weights, dstate, ctx, keys, greedy)
+  unsure = top < c
+  assert unsure.any() and not unsure.all()
+  assert np.all(np.asarray(got)[unsure] == -1)
+  np.testing.assert_array_equal(np.asarray(got)[~unsure, 0], np.asarray(want)[~unsure, 0])
+  ar = sj.generate(model, prompts, max_new_tokens=24)
+  assert sj.generate(model, prompts, drafter=d, max_new_tokens=24).tokens == ar.tokens
+
+
+def test_min_confidence_out_of_range_is_refused():
+  model = testing.tiny_model()
+  for bad in (-0.1, 1.0, 2.0):
+    with pytest.raises(ValueError, match="min_confidence"):
+      dataclasses.replace(_drafter(model, "eagle3", (0, 1)), min_confidence=bad)
 
 
 def test_head_files_roundtrip_and_refusals(tmp_path):

@@ -294,3 +294,8 @@ def test_drafter_at_k_labels():
     runner.split_label("ngram@x")
   with pytest.raises(ValueError, match="unknown or unavailable drafter"):
     runner.check_drafter_names(["nope@3"])
+  assert runner.split_label("eagle3@5:0.3") == ("eagle3", 5)
+  assert runner.label_options("eagle3@5:0.3") == {"min_confidence": 0.3} and runner.label_options("eagle3@5") == {}
+  for bad in ("eagle3@5:x", "eagle3@5:1.5"):
+    with pytest.raises(ValueError, match="confidence"):
+      runner.check_drafter_names([bad])

@@ -66,21 +66,24 @@ def tables(seed, scale=1.5):
   return target.astype(np.float32), drafter.astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("accept", "sampling", "k", "n_tokens", "deterministic"))
-def _simulate(target, drafter, keys, *, accept, sampling, k, n_tokens, deterministic):
-  def draft(prev, key):
+@functools.partial(jax.jit, static_argnames=("accept", "sampling", "k", "n_tokens", "deterministic", "stop"))
+def _simulate(target, drafter, keys, *, accept, sampling, k, n_tokens, deterministic, stop=None, threshold=0.0):
+  def draft(carry, key):
+    prev, alive = carry
     if deterministic:  # an n-gram-like drafter: q is one-hot, passed to the rule as None
       x = jnp.argmax(drafter[prev]).astype(jnp.int32)
-      return x, (x, ())
+      return (x, alive), (x, ())
     q = warp(drafter[prev], sampling)
     x = sample(key, q)
-    return x, (x, q)
+    if stop is not None:  # stop drafting (-1 from here on) once the confidence is below threshold
+      alive = alive & ((jnp.max(q) if stop == "top" else q[x]) >= threshold)
+    return (x, alive), (jnp.where(alive, x, -1), q)
 
   def step(carry, key):
     out, n, prev = carry
     key_draft, key_accept = jax.random.split(key)
-    _, (drafts, q) = jax.lax.scan(draft, prev, jax.random.split(key_draft, k))
-    logits = target[jnp.concatenate([prev[None], drafts])]  # p at the last token and each draft
+    _, (drafts, q) = jax.lax.scan(draft, (prev, jnp.bool_(True)), jax.random.split(key_draft, k))
+    logits = target[jnp.concatenate([prev[None], jnp.maximum(drafts, 0)])]  # p at the last token and each draft
     n_acc, toks = accept(logits[None], drafts[None], None if deterministic else q[None], sampling,
                          key_accept[None])
     n_acc, toks = n_acc[0], toks[0]
@@ -97,11 +100,16 @@ def _simulate(target, drafter, keys, *, accept, sampling, k, n_tokens, determini
 
 
 def simulate(target, drafter, sampling, *, k, n_tokens=2, deterministic=False, accept=accept_chain,
-             n_seeds=N_SEEDS, seed=0):
-  """First n_tokens emitted tokens for n_seeds independent runs: [n_seeds, n_tokens]."""
+             n_seeds=N_SEEDS, seed=0, stop=None, threshold=0.0):
+  """First n_tokens emitted tokens for n_seeds independent runs: [n_seeds, n_tokens].
+
+  stop: "top" stops drafting at the first position whose q has top probability < threshold
+  (the EAGLE drafters' min_confidence); "drawn" at the first drawn token with q(x) < threshold
+  (wrong: the decision then depends on the draft itself)."""
   keys = jax.random.split(jax.random.key(seed), n_seeds)
   return np.asarray(_simulate(jnp.asarray(target), jnp.asarray(drafter), keys, accept=accept,
-                              sampling=sampling, k=k, n_tokens=n_tokens, deterministic=deterministic))
+                              sampling=sampling, k=k, n_tokens=n_tokens, deterministic=deterministic,
+                              stop=stop, threshold=threshold))
 
 
 def exact_law(target, sampling, n_tokens):
@@ -189,6 +197,27 @@ def test_harness_rejects_wrong_rules(accept, record_property):
   record_property("chi2_pvalues", pvalues)
   print(f"\n{accept.__name__}: chi-square p-values by number of tokens {pvalues}")
   assert pvalues[2] < P_WRONG, f"the harness failed to detect {accept.__name__} (p={pvalues[2]:.3g})"
+
+
+def _median_top(drafter, sampling):
+  return float(np.median(np.max(np.asarray(warp(jnp.asarray(drafter), sampling)), axis=-1)))
+
+
+@pytest.mark.parametrize("stop,lossless", [("top", True), ("drawn", False)])
+def test_drafts_stopped_by_confidence(stop, lossless, record_property):
+  """Stopping a chain where q's top probability is low (about half the positions) keeps the
+  law; stopping on the drawn token's own q(x) does not, and the harness must see it."""
+  (target, drafter), sampling, _ = LOSSLESS_CASES["random_q"]
+  c = _median_top(drafter, sampling)
+  samples = simulate(target, drafter, sampling, k=K, n_tokens=N_TOKENS, stop=stop, threshold=c)
+  law = exact_law(target, sampling, N_TOKENS)
+  pvalues = {n: gof_pvalue(samples[:, :n], _marginal(law, n)) for n in (1, 2, 3)}
+  record_property("chi2_pvalues", pvalues)
+  print(f"\nstop={stop} at {c:.3f}: chi-square p-values by number of tokens {pvalues}")
+  if lossless:
+    assert min(pvalues.values()) >= P_OK, pvalues
+  else:
+    assert min(pvalues.values()) < P_WRONG, f"the harness missed stopping on q(x) (p-values {pvalues})"
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

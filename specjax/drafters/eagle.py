@@ -48,8 +48,19 @@ def _rows_at(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Eagle(Drafter):
+  """min_confidence: a row stops drafting at the first position where the head's top
+  probability is below this (0 = always k drafts). The head's confidence predicts
+  acceptance (EAGLE-2's observation), so unlikely drafts are not verified. Lossless: the
+  decision uses q's top probability, never the drawn token's, so a position either runs
+  the usual accept/residual rule or samples p directly."""
   head: HeadConfig | None = None
   graphdef: Any = None
+  min_confidence: float = 0.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not 0.0 <= self.min_confidence < 1.0:
+      raise ValueError(f"min_confidence={self.min_confidence!r} must be in [0, 1) (0 = always k drafts)")
 
   @property
   def name(self) -> str:  # type: ignore[override]
@@ -90,27 +101,68 @@ class Eagle(Drafter):
     last = jnp.clip(ctx.length - 2 - ctx.feature_start, 0, T - 1)
     return EagleState(k=k, v=v, h=_rows_at(h, last))
 
+  @property
+  def may_pad(self) -> bool:  # type: ignore[override]
+    return self.min_confidence > 0
+
+  def _draft(self, module, weights, h, i, keys, sampling):
+    """Draft i from head output h [B, D]: (token [B], q [B, V] or None, the head's top probability [B])."""
+    d2t, vocab = weights["d2t"], self.vocab_size
+    logits = module.logits(h, weights["w_out"], weights["w_out_packed"])  # [B, N]
+    if sampling.greedy:
+      idx = argmax(logits)
+      top = jnp.take_along_axis(logits, idx[:, None], axis=1)
+      conf = 1.0 / jnp.sum(jnp.exp(logits - top), axis=-1)  # softmax at the argmax
+      return jnp.take(d2t, idx).astype(jnp.int32), None, conf
+    q = warp(draft_to_full(logits, d2t, vocab), sampling)
+    token = jax.vmap(lambda key, p: sample(jax.random.fold_in(key, i), p))(keys, q).astype(jnp.int32)
+    # The top probability of q, not q(token): whether a draft is proposed must not depend on
+    # which token was drawn, or the residual correction no longer restores p.
+    return token, q, jnp.max(q, axis=-1)
+
   def propose(self, weights, dstate: EagleState, ctx: Context, keys, sampling):
     module = self._module(weights)
-    d2t, vocab = weights["d2t"], self.vocab_size
-    B = ctx.length.shape[0]
-    h, k, v = dstate.h[:, None], dstate.k, dstate.v
-    drafts, qs = [], []
-    for i in range(self.k):
-      if i:  # feed back (h, d_i) at history index length - 2 + i
-        slot = jnp.minimum(ctx.length - 2 + i, k.shape[2] - 1)
-        h, k, v = self._pass(module, weights, h, token[:, None], slot[:, None],
-                             dstate.replace(k=k, v=v), slot)
-      logits = module.logits(h[:, 0], weights["w_out"], weights["w_out_packed"])  # [B, N]
-      if sampling.greedy:
-        token = jnp.take(d2t, argmax(logits))
-      else:
-        q = warp(draft_to_full(logits, d2t, vocab), sampling)
-        token = jax.vmap(lambda key, p: sample(jax.random.fold_in(key, i), p))(keys, q)
+    S = dstate.k.shape[2]
+
+    def feed(h, token, k, v, i):  # feed back (h, d_i) at history index length - 2 + i
+      slot = jnp.minimum(ctx.length - 2 + i, S - 1)
+      h, k, v = self._pass(module, weights, h[:, None], token[:, None], slot[:, None], dstate.replace(k=k, v=v), slot)
+      return h[:, 0], k, v
+
+    if self.min_confidence <= 0:  # a fixed chain of k drafts
+      h, k, v = dstate.h, dstate.k, dstate.v
+      drafts, qs = [], []
+      for i in range(self.k):
+        if i:
+          h, k, v = feed(h, token, k, v, i)
+        token, q, _ = self._draft(module, weights, h, i, keys, sampling)
+        drafts.append(token)
         qs.append(q)
-      drafts.append(token.astype(jnp.int32))
-    q = jnp.stack(qs, axis=1) if qs else None
-    return dstate.replace(k=k, v=v), jnp.stack(drafts, axis=1), q
+      q = None if sampling.greedy else jnp.stack(qs, axis=1)
+      return dstate.replace(k=k, v=v), jnp.stack(drafts, axis=1), q
+
+    # A row stops drafting at the first position whose top probability is < min_confidence;
+    # the loop stops when every row has stopped, and the verify runs at the smallest
+    # compiled size covering the longest proposal.
+    token, q0, conf = self._draft(module, weights, dstate.h, 0, keys, sampling)
+    alive = conf >= self.min_confidence
+    B = token.shape[0]
+    drafts = jnp.full((B, self.k), -1, jnp.int32).at[:, 0].set(jnp.where(alive, token, -1))
+    qs = None if q0 is None else jnp.zeros((B, self.k) + q0.shape[1:], q0.dtype).at[:, 0].set(q0)
+
+    def body(c):
+      i, h, token, alive, k, v, drafts, qs = c
+      h, k, v = feed(h, token, k, v, i)
+      token, q, conf = self._draft(module, weights, h, i, keys, sampling)
+      alive = alive & (conf >= self.min_confidence)
+      drafts = drafts.at[:, i].set(jnp.where(alive, token, -1))
+      qs = None if q is None else jax.lax.dynamic_update_slice_in_dim(qs, q[:, None], i, axis=1)
+      return i + 1, h, token, alive, k, v, drafts, qs
+
+    cond = lambda c: (c[0] < self.k) & jnp.any(c[3])
+    _, _, _, _, k, v, drafts, qs = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), dstate.h, token, alive, dstate.k, dstate.v, drafts, qs))
+    return dstate.replace(k=k, v=v), drafts, qs
 
   # ---- construction and loading -------------------------------------------------
 
@@ -165,11 +217,11 @@ def make(kind: str):
   """Builder for make_drafter: a shipped head by name, or `head=` a path / `Eagle`."""
   default = {"eagle1": "smollm2-135m-eagle1", "eagle3": "smollm2-135m-eagle3", "mtp": "smollm2-135m-mtp"}[kind]
 
-  def build(model, k, head: str | None = None):
+  def build(model, k, head: str | None = None, min_confidence: float = 0.0):
     d = Eagle.load(head or default, model=model, k=k)
     if d.head.kind != kind:
       raise ValueError(f"head {head or default!r} is a {d.head.kind} head, not {kind}")
-    return d
+    return dataclasses.replace(d, min_confidence=min_confidence) if min_confidence else d
 
   return build
 

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="Spec-Bench JSONL (question_id, category, turns); default %(default)s")
   p.add_argument("--drafters", default="none,ngram",
                  help="comma-separated drafter names, or 'all' (every available drafter whose weights exist); "
-                 "name@k fixes k (ngram@3,ngram@8 compares two k in one run); 'none' (the AR baseline) "
+                 "name@k fixes k (ngram@3,ngram@8 compares two k in one run), name@k:c also sets an EAGLE/MTP "
+                 "drafter's min_confidence (eagle3@5:0.3); 'none' (the AR baseline) "
                  "always runs")
   p.add_argument("--k", default=None, help="drafted tokens per step: 5, or per drafter ngram=5,draft=3 "
                  "(default: each drafter's own)")

@@ -37,13 +37,27 @@ def available_drafters() -> tuple[str, ...]:
 
 
 def split_label(label: str) -> tuple[str, int | None]:
-  """"ngram@3" -> ("ngram", 3): one drafter at several k in the same run; "ngram" -> ("ngram", None)."""
-  name, sep, k = label.partition("@")
+  """"ngram@3" -> ("ngram", 3): one drafter at several k in the same run; "ngram" -> ("ngram", None).
+  "eagle3@5:0.3" also sets the drafter's min_confidence (see `label_options`)."""
+  name, sep, rest = label.partition("@")
   if not sep:
     return name, None
+  k = rest.partition(":")[0]
   if not k.isdigit() or int(k) < 1:
-    raise ValueError(f"drafter {label!r}: the part after '@' must be k >= 1, e.g. ngram@3")
+    raise ValueError(f"drafter {label!r}: the part after '@' must be k >= 1, e.g. ngram@3 or eagle3@5:0.3")
   return name, int(k)
+
+
+def label_options(label: str) -> dict:
+  """Drafter options a label carries: "eagle3@5:0.3" -> {"min_confidence": 0.3}."""
+  _, sep, c = label.partition("@")[2].partition(":")
+  if not sep:
+    return {}
+  try:
+    return {"min_confidence": float(c)}
+  except ValueError:
+    raise ValueError(f"drafter {label!r}: the part after ':' must be a confidence in [0, 1), "
+                     "e.g. eagle3@5:0.3") from None
 
 
 def check_drafter_names(names: Sequence[str]) -> list[str]:
@@ -55,6 +69,10 @@ def check_drafter_names(names: Sequence[str]) -> list[str]:
   """
   have = available_drafters()
   unknown = [n for n in names if split_label(n)[0] not in have and n != "all"]
+  for n in names:
+    c = label_options(n).get("min_confidence", 0.0)
+    if not 0.0 <= c < 1.0:
+      raise ValueError(f"drafter {n!r}: min_confidence {c} must be in [0, 1)")
   if unknown:
     raise ValueError(f"unknown or unavailable drafter(s) {', '.join(map(repr, unknown))}; available: "
                      f"{', '.join(have)}")
@@ -140,7 +158,7 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
   built, unbuilt = {}, []
   for n in names:
     try:
-      built[n] = sj.make_drafter(split_label(n)[0], model, k=ks[n]) if n != "none" else None
+      built[n] = sj.make_drafter(split_label(n)[0], model, k=ks[n], **label_options(n)) if n != "none" else None
     except (FileNotFoundError, ValueError) as e:
       if n in explicit:
         raise
