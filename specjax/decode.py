@@ -19,6 +19,7 @@ from flax import nnx, struct
 
 from specjax import cache as cache_lib
 from specjax.drafters.base import Context, Drafter
+from specjax.kernels import cache_write
 from specjax.models.model import Model
 from specjax.sampling import Sampling
 from specjax.verify import accept_chain
@@ -117,8 +118,8 @@ def _verify(module, tokens, pos, cache, feature_layers, sizes):
   idx = jnp.searchsorted(jnp.asarray(sizes), need)
   logits, feats = jax.lax.switch(idx, [functools.partial(run, n) for n in sizes], tokens, pos, cache)
   new_k, new_v = feats.pop("new_kv")
-  cache = cache.replace(k=tuple(cache_lib.write(c, n, cache.lengths) for c, n in zip(cache.k, new_k)),
-                        v=tuple(cache_lib.write(c, n, cache.lengths) for c, n in zip(cache.v, new_v)))
+  cache = cache.replace(k=tuple(cache_write(c, n, cache.lengths) for c, n in zip(cache.k, new_k)),
+                        v=tuple(cache_write(c, n, cache.lengths) for c, n in zip(cache.v, new_v)))
   return logits, cache, feats
 
 

@@ -180,3 +180,17 @@ def test_attention_kernel_gradient_is_xla_one():
   want = jax.grad(f(kernels._attention_xla), argnums=(0, 1))(q, kn)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_cache_write_kernel_equals_xla_write():
+  """The in-place cache write (used after the padded verify's switch) writes exactly what
+  cache.write does, per row at its own start, inside a jitted function as in the loop."""
+  from specjax import cache as cache_lib
+  if not kernels.kernel_available():
+    pytest.skip("no CPU kernel here")
+  rng = np.random.default_rng(0)
+  cache = jnp.asarray(rng.normal(size=(3, 2, 40, 16)), jnp.float32)
+  new = jnp.asarray(rng.normal(size=(3, 5, 2, 16)), jnp.float32)
+  starts = jnp.asarray([0, 17, 35], jnp.int32)
+  got = jax.jit(kernels.cache_write)(cache, new, starts)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(cache_lib.write(cache, new, starts)))

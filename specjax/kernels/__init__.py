@@ -41,7 +41,8 @@ _SOURCES = [os.path.join(_DIR, f) for f in ("small_matmul.cc", "attention.cc")]
 _HEADER = os.path.join(_DIR, "common.h")
 # kernel -> the C symbol of its FFI handler (registered as target "specjax_<kernel>").
 _HANDLERS = {"kn": "SpecjaxMatmulKN", "nk": "SpecjaxMatmulNK", "q4_1": "SpecjaxMatmulQ41",
-             "q8_0": "SpecjaxMatmulQ80", "attend_read": "SpecjaxAttendRead", "attend_write": "SpecjaxAttendWrite"}
+             "q8_0": "SpecjaxMatmulQ80", "attend_read": "SpecjaxAttendRead", "attend_write": "SpecjaxAttendWrite",
+             "cache_write": "SpecjaxCacheWrite"}
 _TARGETS = {kind: f"specjax_{kind}" for kind in _HANDLERS}
 # GGUF block layouts the kernel reads: (bytes of scales, bytes of quants) per 32 weights.
 PACKED_KINDS = {"q4_1": (4, 16), "q8_0": (2, 32)}
@@ -242,6 +243,17 @@ def attention(write: bool, q, k_cache, v_cache, k_new, v_new, mask, starts):
   outs = (out, jax.ShapeDtypeStruct(k_cache.shape, jnp.float32), jax.ShapeDtypeStruct(v_cache.shape, jnp.float32))
   return tuple(jax.ffi.ffi_call(_TARGETS["attend_write"], outs, input_output_aliases={1: 1, 2: 2},
                                 vmap_method="sequential")(*args))
+
+
+def cache_write(layer_cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+  """`cache.write` (new [B, T, K, H] at slots starts[b] + t of [B, K, S, H]) in place by the CPU
+  kernel when it applies (float32 on CPU), else by XLA. Not differentiable (decode only)."""
+  from specjax import cache as cache_lib
+  if not (layer_cache.dtype == jnp.float32 and jax.default_backend() == "cpu" and kernel_available()):
+    return cache_lib.write(layer_cache, new, starts)
+  return jax.ffi.ffi_call(_TARGETS["cache_write"], jax.ShapeDtypeStruct(layer_cache.shape, jnp.float32),
+                          input_output_aliases={0: 0}, vmap_method="sequential")(
+                              layer_cache, new.astype(jnp.float32), starts.astype(jnp.int32))
 
 
 def _attention_fwd(write, *args):

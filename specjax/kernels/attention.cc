@@ -218,6 +218,29 @@ ffi::Error RunWrite(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return Run<true>(pool, q, kc, vc, kn, vn, mask, starts, out, kc_out->typed_data(), vc_out->typed_data());
 }
 
+// Writes new [B, T, K, H] into a cache [B, K, S, H] at slots starts[b] + t, in place (the
+// output aliases the cache). XLA copies a loop-carried cache for a dynamic-update-slice that
+// follows a conditional reading it (the padded verify's lax.switch): a whole-cache copy per
+// layer per step.
+ffi::Error RunCacheWrite(ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> knew, ffi::Buffer<ffi::S32> starts,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  const auto cd = cache.dimensions(), nd = knew.dimensions();
+  if (cd.size() != 4 || nd.size() != 4) return ffi::Error::InvalidArgument("cache_write: 4-D cache and new");
+  const int64_t B = cd[0], K = cd[1], S = cd[2], H = cd[3], T = nd[1];
+  float* o = out->typed_data();
+  if (o != cache.typed_data()) std::memcpy(o, cache.typed_data(), sizeof(float) * B * K * S * H);
+  const float* n = knew.typed_data();
+  const int32_t* sp = starts.typed_data();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t slot = static_cast<int64_t>(sp[b]) + t;
+      if (slot < 0 || slot >= S) continue;  // the caller checks room; never write outside
+      for (int64_t k = 0; k < K; ++k)
+        std::memcpy(o + ((b * K + k) * S + slot) * H, n + ((b * T + t) * K + k) * H, sizeof(float) * H);
+    }
+  return ffi::Error::Success();
+}
+
 auto Inputs() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
@@ -230,3 +253,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxAttendRead, RunRead, Inputs().Ret<ffi::Buff
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxAttendWrite, RunWrite,
                               Inputs().Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxCacheWrite, RunCacheWrite,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::Buffer<ffi::F32>>());
