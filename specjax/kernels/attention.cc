@@ -167,6 +167,19 @@ void attend_one(const Dims& d, const float* q, const float* kc, const float* vc,
                   vals.data(), sc.data() + g * np, h, ob + g * H + h, H, inv + g);
 }
 
+// out = cache [B, K, S, H] with new [B, T, K, H] at slots starts[b] + t (out may alias cache).
+void write_slots(const float* cache, const float* knew, const int32_t* starts, float* out, int64_t B, int64_t K,
+                 int64_t S, int64_t H, int64_t T) {
+  if (out != cache) std::memcpy(out, cache, sizeof(float) * B * K * S * H);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t slot = static_cast<int64_t>(starts[b]) + t;
+      if (slot < 0 || slot >= S) continue;  // the caller checks room; never write outside
+      for (int64_t k = 0; k < K; ++k)
+        std::memcpy(out + ((b * K + k) * S + slot) * H, knew + ((b * T + t) * K + k) * H, sizeof(float) * H);
+    }
+}
+
 template <bool Write>
 ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kc, ffi::Buffer<ffi::F32> vc,
                ffi::Buffer<ffi::F32> kn, ffi::Buffer<ffi::F32> vn, ffi::Buffer<ffi::PRED> mask,
@@ -187,20 +200,8 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F
       attend_one(d, qp, kcp, vcp, knp, vnp, mp, op, u / (d.T * d.K), (u / d.K) % d.T, u % d.K, keys, vals, sc);
   });
   if (Write) {  // after every read of the old cache; outputs alias the cache inputs
-    const int64_t n = d.B * d.K * d.S * d.H;
-    if (kc_out != kcp) std::memcpy(kc_out, kcp, sizeof(float) * n);
-    if (vc_out != vcp) std::memcpy(vc_out, vcp, sizeof(float) * n);
-    const int32_t* sp = starts.typed_data();
-    for (int64_t b = 0; b < d.B; ++b)
-      for (int64_t t = 0; t < d.T; ++t) {
-        const int64_t slot = static_cast<int64_t>(sp[b]) + t;
-        if (slot < 0 || slot >= d.S) continue;  // the caller checks room; never write outside
-        for (int64_t k = 0; k < d.K; ++k) {
-          const int64_t dst = ((b * d.K + k) * d.S + slot) * d.H, src = ((b * d.T + t) * d.K + k) * d.H;
-          std::memcpy(kc_out + dst, knp + src, sizeof(float) * d.H);
-          std::memcpy(vc_out + dst, vnp + src, sizeof(float) * d.H);
-        }
-      }
+    write_slots(kcp, knp, starts.typed_data(), kc_out, d.B, d.K, d.S, d.H, d.T);
+    write_slots(vcp, vnp, starts.typed_data(), vc_out, d.B, d.K, d.S, d.H, d.T);
   }
   return ffi::Error::Success();
 }
@@ -226,18 +227,8 @@ ffi::Error RunCacheWrite(ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> knew
                          ffi::ResultBuffer<ffi::F32> out) {
   const auto cd = cache.dimensions(), nd = knew.dimensions();
   if (cd.size() != 4 || nd.size() != 4) return ffi::Error::InvalidArgument("cache_write: 4-D cache and new");
-  const int64_t B = cd[0], K = cd[1], S = cd[2], H = cd[3], T = nd[1];
-  float* o = out->typed_data();
-  if (o != cache.typed_data()) std::memcpy(o, cache.typed_data(), sizeof(float) * B * K * S * H);
-  const float* n = knew.typed_data();
-  const int32_t* sp = starts.typed_data();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t slot = static_cast<int64_t>(sp[b]) + t;
-      if (slot < 0 || slot >= S) continue;  // the caller checks room; never write outside
-      for (int64_t k = 0; k < K; ++k)
-        std::memcpy(o + ((b * K + k) * S + slot) * H, n + ((b * T + t) * K + k) * H, sizeof(float) * H);
-    }
+  write_slots(cache.typed_data(), knew.typed_data(), starts.typed_data(), out->typed_data(), cd[0], cd[1], cd[2],
+              cd[3], nd[1]);
   return ffi::Error::Success();
 }
 
