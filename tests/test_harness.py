@@ -74,6 +74,20 @@ def test_identical_fraction():
   assert metrics.identical_fraction(meth, base) == 0.5
 
 
+def test_ceiling_is_the_speedup_of_a_free_decode_loop():
+  base = [_run("none", 10, qid=1, prefill_s=0.4, decode_s=0.5), _run("none", 20, qid=2, prefill_s=0.2, decode_s=0.25)]
+  # Without their decode loops the calls take 0.5 s and 0.25 s: mean(20, 40) / mean(10, 20).
+  assert metrics.ceiling(base) == pytest.approx(30 / 15)
+  assert metrics.prefill_share(base) == pytest.approx(0.6 / 1.5)
+  for shrink in (0.5, 0.1, 1e-6):  # a method keeping AR's fixed costs never beats the ceiling
+    meth = [{**r, "drafter": "ngram", "wall_s": r["wall_s"] - (1 - shrink) * r["decode_s"]} for r in base]
+    assert metrics.speedup(meth, base) < metrics.ceiling(base)
+  assert metrics.speedup(meth, base) == pytest.approx(metrics.ceiling(base), rel=1e-4)
+  s = metrics.summarize(base + meth)
+  assert s["none"]["overall"]["ceiling"] == pytest.approx(2.0) and s["ngram"]["overall"]["ceiling"] is None
+  assert metrics.ceiling([_run("none", 10)]) is None and metrics.prefill_share([_run("none", 10)]) is None
+
+
 def test_summarize_categories_overall_and_vs_hf():
   runs = [_run("none", 10, cat="qa"), _run("ngram", 20, cat="qa", steps=5),
           _run("none", 10, cat="rag"), _run("ngram", 10, cat="rag"),
@@ -191,9 +205,9 @@ def test_parse_k():
 
 # ---------------------------------------------------------------- end to end on a tiny model
 
-SUMMARY_KEYS = {"speedup", "mean_accepted", "tokens_per_s", "identical_to_ar"}
-RUN_KEYS = {"drafter", "question_id", "category", "turn", "new_tokens", "wall_s", "tokens_per_s", "mean_accepted",
-            "tokens"}
+SUMMARY_KEYS = {"speedup", "mean_accepted", "tokens_per_s", "identical_to_ar", "prefill_share", "ceiling"}
+RUN_KEYS = {"drafter", "question_id", "category", "turn", "new_tokens", "wall_s", "prefill_s", "decode_s",
+            "tokens_per_s", "mean_accepted", "tokens"}
 
 
 class FakeHF:
@@ -230,6 +244,8 @@ def test_end_to_end_results_json(tmp_path, tiny):
       assert SUMMARY_KEYS <= set(res["summary"][m][c]), (m, c)
   assert res["summary"]["none"]["overall"]["speedup"] == pytest.approx(1.0)
   assert res["summary"]["none"]["overall"]["mean_accepted"] == pytest.approx(1.0)
+  assert 0 < res["summary"]["none"]["overall"]["prefill_share"] < 1
+  assert res["summary"]["none"]["overall"]["ceiling"] > 1
   assert res["summary"]["ngram"]["overall"]["identical_to_ar"] == 1.0  # lossless at T = 0
   assert len(res["runs"]) == 2 * 4  # 2 methods x (2 + 1 + 1 turns)
   for r in res["runs"]:

@@ -11,6 +11,9 @@ speculative methods `accepted_per_step` (tokens emitted by each verify step),
 - α_i = accepted at position i / reached position i, pooled; predicted
   τ = 1 + Σ_i Π_{j<=i} α_j.
 - identical_to_ar = fraction of prompts whose token ids equal the baseline's.
+- ceiling (AR runs that record `decode_s`) = the speedup a method would have if its
+  decode loop cost nothing: mean over prompts of new / (wall - decode_s), over the same
+  mean of new / wall. Prefill and the call's other fixed costs bound every drafter by it.
 """
 from __future__ import annotations
 
@@ -41,6 +44,24 @@ def speedup(method_runs: Sequence[dict], baseline_runs: Sequence[dict]) -> float
     return None
   denom = mean_tokens_per_s(b for _, b in pairs)
   return mean_tokens_per_s(m for m, _ in pairs) / denom if denom > 0 else None
+
+
+def ceiling(baseline_runs: Sequence[dict]) -> float | None:
+  """The Spec-Bench speedup of a method whose decode loop took no time (Amdahl's bound), or
+  None when the runs do not record `decode_s`."""
+  runs = [r for r in baseline_runs if r.get("decode_s") is not None]
+  if not runs:
+    return None
+  free = mean_tokens_per_s({**r, "wall_s": r["wall_s"] - r["decode_s"]} for r in runs)
+  denom = mean_tokens_per_s(runs)
+  return free / denom if denom > 0 else None
+
+
+def prefill_share(runs: Sequence[dict]) -> float | None:
+  """Fraction of the wall time spent in prefill, pooled, or None when not recorded."""
+  runs = [r for r in runs if r.get("prefill_s") is not None]
+  wall = sum(r["wall_s"] for r in runs)
+  return sum(r["prefill_s"] for r in runs) / wall if runs and wall > 0 else None
 
 
 def mean_accepted(runs: Iterable[dict]) -> float:
@@ -111,6 +132,8 @@ def summarize_group(runs: Sequence[dict], baseline_runs: Sequence[dict], ar_runs
       "acceptance_per_position": alphas,
       "predicted_tau": predicted_tau(alphas) if alphas else None,
       "identical_to_ar": identical_fraction(runs, ar_runs) if greedy and ar_runs is not None else None,
+      "prefill_share": prefill_share(runs),
+      "ceiling": ceiling(runs) if runs and runs[0]["drafter"] == BASELINE else None,
   }
 
 

@@ -9,7 +9,10 @@ PLOTS = ("speedup_by_category.png", "acceptance_per_position.png", "accepted_len
 
 
 def _fmt(x, spec=".2f", none="–"):
-  return none if x is None else format(x, spec)
+  """x formatted by spec; a trailing "×" in spec is appended as text."""
+  if x is None:
+    return none
+  return format(x, spec[:-1]) + "×" if spec.endswith("×") else format(x, spec)
 
 
 def _methods(results: dict) -> tuple[list[str], list[str]]:
@@ -38,16 +41,19 @@ def markdown(results: dict, command: str | None = None) -> str:
             + (f"; load average {mach['loadavg_start'][0]:.1f} at start, {mach.get('loadavg_end', [0])[0]:.1f} at end"
                if "loadavg_start" in mach else "") + ".",
             "", "Speedup = mean over prompts of tokens/s of the method / the same for `none` (Spec-Bench); "
-            "τ = tokens per verify step; compilation excluded.", ""]
+            "τ = tokens per verify step; compilation excluded. AR prefill = share of AR's wall time spent in "
+            "prefill; ceiling = the speedup a drafter would reach if decoding cost nothing (Amdahl's bound "
+            "from AR's own prefill and fixed costs).", ""]
   lines += ["## Speedup × (τ) per category", ""]
-  lines += ["| category | " + " | ".join(ours[1:]) + " | AR tok/s |", "|---" * (len(ours) + 1) + "|"]
+  lines += ["| category | " + " | ".join(ours[1:]) + " | AR tok/s | AR prefill | ceiling |", "|---" * (len(ours) + 3) + "|"]
   for c in cats:
     cells = []
     for m in ours[1:]:
       e = s[m].get(c)
       cells.append("–" if e is None else f"{_fmt(e['speedup'])}× ({_fmt(e['mean_accepted'])})")
     name = f"**{c}**" if c == metrics.OVERALL else c
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(s['none'][c]['tokens_per_s'], '.1f')} |")
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(s['none'][c]['tokens_per_s'], '.1f')} | "
+                 f"{_fmt(s['none'][c].get('prefill_share'), '.0%')} | {_fmt(s['none'][c].get('ceiling'), '.2f×')} |")
   lines += ["", "## Overall per method", "",
             "| method | tokens/s | speedup | τ | predicted τ (from α) | identical to AR | compile s |",
             "|---|---|---|---|---|---|---|"]

@@ -100,7 +100,8 @@ def _spec_record(out, elapsed: float) -> dict:
   st, row = out.stats, out.stats["rows"][0]
   wall = max(elapsed - st["compile_s"], 1e-9)  # end to end, as the HF peer is timed, compile excluded
   return {"new_tokens": row["new_tokens"], "wall_s": wall, "engine_wall_s": st["wall_s"],
-          "compile_s": st["compile_s"], "tokens_per_s": metrics.tokens_per_s(row["new_tokens"], wall),
+          "compile_s": st["compile_s"], "prefill_s": st["prefill_s"], "decode_s": st["decode_s"],
+          "tokens_per_s": metrics.tokens_per_s(row["new_tokens"], wall),
           "steps": row["steps"], "mean_accepted": row["mean_accepted"],
           "accepted_per_step": list(row["accepted_per_step"]),
           "reached_per_position": list(row["reached_per_position"]),
