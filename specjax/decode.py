@@ -100,27 +100,43 @@ def verify_sizes(k: int) -> tuple[int, ...]:
   return tuple(sorted({0, min(1, k), min(3, k), k}))
 
 
-def _verify(module, tokens, pos, cache, feature_layers, sizes):
-  """Target forward over [last, drafts] at the smallest size covering the proposals."""
+def _judge(logits, drafts, q, sampling, keys, check_nan, k):
+  """Accept rule, emitted tokens' log-probs and the NaN check for a verify over n = drafts.shape[1]
+  drafts, padded to k: (n_acc [B], out [B, k+1] (-1 padded), logp [B, k+1], nan [B])."""
+  n = drafts.shape[1]
+  nan = jnp.any(jnp.isnan(logits), axis=(1, 2)) if check_nan else jnp.zeros(logits.shape[:1], bool)
+  n_acc, out = accept_chain(logits, drafts, q, sampling, keys)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), jnp.maximum(out, 0)[..., None], axis=-1)[..., 0]
+  pad = lambda x, v: jnp.pad(x, [(0, 0), (0, k - n)], constant_values=v)
+  return n_acc, pad(out, -1), pad(logp, 0.0), nan
+
+
+def _verify(module, tokens, pos, cache, feature_layers, sizes, drafts, q, sampling, keys, check_nan):
+  """Target forward over [last, drafts] and the accept rule, at the smallest compiled size
+  covering the proposals: -> (n_acc, out, logp, nan) as `_judge` gives them, cache, features."""
   k = tokens.shape[1] - 1
   if len(sizes) == 1:
-    return module(tokens, pos, cache, feature_layers=feature_layers)
+    logits, cache, feats = module(tokens, pos, cache, feature_layers=feature_layers)
+    return _judge(logits, drafts, q, sampling, keys, check_nan, k), cache, feats
 
   # The branches only read the cache and return the new K/V, written once after the
   # switch: a cache written inside lax.switch is copied in and out of every branch.
-  def run(n, tokens, pos, cache):
+  # The accept rule and log-softmax run inside too, over the rows that exist (a
+  # [B, k+1, V] result would cost ~k/(n+1) times the work on short steps).
+  def run(n, tokens, pos, cache, drafts, q):
     logits, _, feats = module(tokens[:, :n + 1], pos[:, :n + 1], cache, feature_layers=feature_layers,
                               write_cache=False)
+    judged = _judge(logits, drafts[:, :n], None if q is None else q[:, :n], sampling, keys, check_nan, k)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, k - n)] + [(0, 0)] * (x.ndim - 2))
-    return pad(logits), jax.tree.map(pad, feats)
+    return judged, jax.tree.map(pad, feats)
 
   need = jnp.max(jnp.sum(jnp.cumprod(tokens[:, 1:] >= 0, axis=1), axis=1))
   idx = jnp.searchsorted(jnp.asarray(sizes), need)
-  logits, feats = jax.lax.switch(idx, [functools.partial(run, n) for n in sizes], tokens, pos, cache)
+  judged, feats = jax.lax.switch(idx, [functools.partial(run, n) for n in sizes], tokens, pos, cache, drafts, q)
   new_k, new_v = feats.pop("new_kv")
   cache = cache.replace(k=tuple(cache_write(c, n, cache.lengths) for c, n in zip(cache.k, new_k)),
                         v=tuple(cache_write(c, n, cache.lengths) for c, n in zip(cache.v, new_v)))
-  return logits, cache, feats
+  return judged, cache, feats
 
 
 def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_new, seeds) -> LoopState:
@@ -146,10 +162,9 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
       dstate, drafts, q = s.dstate, jnp.zeros((B, 0), jnp.int32), None
     tokens = jnp.concatenate([last[:, None], drafts], axis=1)
     pos = s.cache.lengths[:, None] + jnp.arange(k + 1)[None, :]
-    logits, cache, feats = _verify(module, tokens, pos, s.cache, feature_layers, sizes)
-    tokens = jnp.maximum(tokens, 0)
-    nan = jnp.any(jnp.isnan(logits), axis=(1, 2)) if static.check_nan else jnp.zeros((B,), bool)
-    n_acc, out = accept_chain(logits, drafts, q, static.sampling, _row_keys(seeds, s.step, 2))
+    (n_acc, out, logp, nan), cache, feats = _verify(module, tokens, pos, s.cache, feature_layers, sizes, drafts, q,
+                                                     static.sampling, _row_keys(seeds, s.step, 2),
+                                                     static.check_nan)
     # Truncate at EOS and at max_new_tokens, both possibly inside the accepted block.
     j = jnp.arange(k + 1)[None, :]
     is_eos = jnp.any(out[..., None] == eos, axis=-1) & (j <= n_acc[:, None])
@@ -159,8 +174,6 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
     n_emit = jnp.where(active & ~nan, n_emit, 0)
     done = s.done | nan | (eos_at < n_emit) | (n_emit >= budget)
     # Commit: write emitted ids and their log-probs after each row's history.
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    logp = jnp.take_along_axis(logp, jnp.maximum(out, 0)[..., None], axis=-1)[..., 0]
     write = j < n_emit[:, None]
     idx = jnp.where(write, s.length[:, None] + j, max_len)  # max_len: dropped
     history = s.history.at[rows[:, None], idx].set(out, mode="drop")

@@ -27,7 +27,9 @@ def _accept_row(p, drafts, q, key):
   safe = jnp.where(valid, drafts, 0)
   px = p[jnp.arange(k), safe]
   qx = jnp.ones_like(px) if q is None else q[jnp.arange(k), safe]
-  u = jax.random.uniform(key_u, (k,), jnp.float32)
+  # One uniform per position from its own key, so position i's draw does not depend on
+  # how many positions this verify has (the engine verifies at several sizes).
+  u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key_u, i), (), jnp.float32))(jnp.arange(k))
 
   def step(carry, x):
     alive, n = carry
