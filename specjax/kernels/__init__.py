@@ -102,10 +102,15 @@ def kernel_available() -> bool:
   return True
 
 
+def cpu_kernels_serve(*arrays: jax.Array) -> bool:
+  """The one condition every CPU kernel here shares: float32 operands on the CPU backend, kernels built."""
+  return (all(a.dtype == jnp.float32 for a in arrays) and jax.default_backend() == "cpu"
+          and kernel_available())
+
+
 def _use_kernel(x: jax.Array, w: jax.Array) -> bool:
   rows = x.size // x.shape[-1] if x.shape[-1] else 0
-  return (0 < rows <= MAX_ROWS and x.dtype == jnp.float32 and w.dtype == jnp.float32
-          and jax.default_backend() == "cpu" and kernel_available())
+  return 0 < rows <= MAX_ROWS and cpu_kernels_serve(x, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -227,8 +232,7 @@ def _attention_xla(write, q, k_cache, v_cache, k_new, v_new, mask, starts):
 def attention_kernel_applies(q: jax.Array, k_cache: jax.Array) -> bool:
   """Whether `attention` runs the CPU kernel for these operands (else callers use XLA)."""
   B, T, K, G, H = q.shape
-  return (B * T <= MAX_ROWS and H % 16 == 0 and G <= 16 and q.dtype == jnp.float32
-          and k_cache.dtype == jnp.float32 and jax.default_backend() == "cpu" and kernel_available())
+  return B * T <= MAX_ROWS and H % 16 == 0 and G <= 16 and cpu_kernels_serve(q, k_cache)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -249,7 +253,7 @@ def cache_write(layer_cache: jax.Array, new: jax.Array, starts: jax.Array) -> ja
   """`cache.write` (new [B, T, K, H] at slots starts[b] + t of [B, K, S, H]) in place by the CPU
   kernel when it applies (float32 on CPU), else by XLA. Not differentiable (decode only)."""
   from specjax import cache as cache_lib
-  if not (layer_cache.dtype == jnp.float32 and jax.default_backend() == "cpu" and kernel_available()):
+  if not cpu_kernels_serve(layer_cache):
     return cache_lib.write(layer_cache, new, starts)
   return jax.ffi.ffi_call(_TARGETS["cache_write"], jax.ShapeDtypeStruct(layer_cache.shape, jnp.float32),
                           input_output_aliases={0: 0}, vmap_method="sequential")(
