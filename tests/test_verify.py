@@ -434,3 +434,28 @@ def test_deterministic_draft_rejection_removes_the_draft():
   assert gof_pvalue(tokens[n_acc == 0, :1], without / without.sum()) >= P_OK
   # Overall, the first emitted token follows p.
   assert gof_pvalue(tokens[:, :1], p) >= P_OK
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_shorter_verify_decides_exactly_as_the_padded_one(policy):
+  """The engine verifies at the smallest compiled size n covering the proposals (`verify_sizes`):
+  with seeded keys, judging n drafts must give the same n_acc and tokens as judging the same
+  drafts padded with -1 to k (random logits and q, so acceptances and rejections both occur).
+  One uniform of shape (k,) per row passed this only under jax_threefry_partitionable=True
+  (the default); with it off, a (k,) draw is not a prefix-extension of an (n,) one."""
+  sampling, with_q = policy
+  rng = np.random.default_rng(3)
+  B, k = 64, 5
+  logits = rng.normal(0, 1.5, (B, k + 1, V)).astype(np.float32)
+  q = np.asarray(warp(jnp.asarray(rng.normal(0, 1.5, (B, k, V)).astype(np.float32)), T1)) if with_q else None
+  drafts = rng.integers(0, V, (B, k)).astype(np.int32)
+  keys = keys_for(B, seed=7)
+  for n in (0, 1, 3):
+    padded = np.where(np.arange(k)[None] < n, drafts, -1).astype(np.int32)
+    n_full, t_full = run(logits, padded, q, keys, sampling)
+    n_short, t_short = run(logits[:, :n + 1], drafts[:, :n], None if q is None else q[:, :n], keys, sampling)
+    np.testing.assert_array_equal(n_short, n_full)
+    np.testing.assert_array_equal(t_short, np.asarray(t_full)[:, :n + 1])
+    assert (np.asarray(t_full)[:, n + 1:] == -1).all()
+    if n:
+      assert 0 < np.mean(np.asarray(n_full) > 0) < 1  # both outcomes happen
