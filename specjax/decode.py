@@ -122,7 +122,7 @@ def _verify(module, tokens, pos, cache, feature_layers, sizes, drafts, q, sampli
   # The branches only read the cache and return the new K/V, written once after the
   # switch: a cache written inside lax.switch is copied in and out of every branch.
   # The accept rule and log-softmax run inside too, over the rows that exist (a
-  # [B, k+1, V] result would cost ~k/(n+1) times the work on short steps).
+  # [B, k+1, V] result costs (k+1)/(n+1) times the work on short steps).
   def run(n, tokens, pos, cache, drafts, q):
     logits, _, feats = module(tokens[:, :n + 1], pos[:, :n + 1], cache, feature_layers=feature_layers,
                               write_cache=False)
