@@ -46,6 +46,12 @@ def _rows_at(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
 
 
+def check_min_confidence(c) -> None:
+  """The one rule for `Eagle.min_confidence` (the harness checks labels with it before loading)."""
+  if not 0.0 <= c < 1.0:
+    raise ValueError(f"min_confidence={c!r} must be in [0, 1) (0 = always k drafts)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Eagle(Drafter):
   """min_confidence: a row stops drafting at the first position where the head's top
@@ -59,8 +65,7 @@ class Eagle(Drafter):
 
   def __post_init__(self):
     super().__post_init__()
-    if not 0.0 <= self.min_confidence < 1.0:
-      raise ValueError(f"min_confidence={self.min_confidence!r} must be in [0, 1) (0 = always k drafts)")
+    check_min_confidence(self.min_confidence)
 
   @property
   def name(self) -> str:  # type: ignore[override]

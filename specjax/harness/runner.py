@@ -69,10 +69,12 @@ def check_drafter_names(names: Sequence[str]) -> list[str]:
   """
   have = available_drafters()
   unknown = [n for n in names if split_label(n)[0] not in have and n != "all"]
+  from specjax.drafters.eagle import check_min_confidence
   for n in names:
-    c = label_options(n).get("min_confidence", 0.0)
-    if not 0.0 <= c < 1.0:
-      raise ValueError(f"drafter {n!r}: min_confidence {c} must be in [0, 1)")
+    try:
+      check_min_confidence(label_options(n).get("min_confidence", 0.0))
+    except ValueError as e:
+      raise ValueError(f"drafter {n!r}: {e}") from None
   if unknown:
     raise ValueError(f"unknown or unavailable drafter(s) {', '.join(map(repr, unknown))}; available: "
                      f"{', '.join(have)}")
