@@ -14,13 +14,17 @@ registers to bitwise the float32 values while reading 4-6x fewer bytes. The
 float32 weight stays beside it for the XLA paths, so results never depend on
 which path ran beyond float summation order.
 
-The kernel is compiled from source with the system C++ compiler on first use and
+The kernels are compiled from source with the system C++ compiler on first use and
 cached under $SPECJAX_CACHE (default ~/.cache/specjax), keyed by the source, the
-jaxlib version and the CPU. No compiler, or SPECJAX_CPU_KERNEL=0, means the XLA
-dots everywhere (same results to float rounding, slower verify steps).
+jaxlib version and the CPU, in one of three variants sized for a register file
+(`ISAS`: avx512, avx2, generic): the best this CPU executes, or the one
+$SPECJAX_CPU_ISA names (so an AVX-512 machine runs and tests the AVX2 path too).
+No compiler, or SPECJAX_CPU_KERNEL=0, means the XLA dots everywhere (same results
+to float rounding, slower verify steps).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -39,67 +43,150 @@ MAX_ROWS = 32
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_DIR, f) for f in ("small_matmul.cc", "attention.cc")]
 _HEADER = os.path.join(_DIR, "common.h")
-# kernel -> the C symbol of its FFI handler (registered as target "specjax_<kernel>").
+# kernel -> the C symbol of its FFI handler (registered as target "specjax_<isa>_<kernel>").
 _HANDLERS = {"kn": "SpecjaxMatmulKN", "nk": "SpecjaxMatmulNK", "q4_1": "SpecjaxMatmulQ41",
              "q8_0": "SpecjaxMatmulQ80", "attend_read": "SpecjaxAttendRead", "attend_write": "SpecjaxAttendWrite",
              "cache_write": "SpecjaxCacheWrite"}
-_TARGETS = {kind: f"specjax_{kind}" for kind in _HANDLERS}
 # GGUF block layouts the kernel reads: (bytes of scales, bytes of quants) per 32 weights.
 PACKED_KINDS = {"q4_1": (4, 16), "q8_0": (2, 32)}
 
+# The kernels' variants, best first: each is the same source compiled for one register file
+# (common.h), with the /proc/cpuinfo flags it needs and the compiler flags that give them.
+# Explicit -m flags, not -march=native: the variant that runs is the one that was chosen
+# (and tested), whichever machine compiles it.
+ISAS = ("avx512", "avx2", "generic")
+_ISA_NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"),
+              "avx2": ("avx2", "fma", "f16c"), "generic": ()}
+_ISA_CFLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+               "avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}
+_override: str | None = None  # set by `forced_isa`
 
-def _cpu_id() -> str:
+
+def cpu_flags() -> frozenset[str]:
+  """The CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("flags"):
-          return line
+        if line.startswith(("flags", "Features")):
+          return frozenset(line.split(":", 1)[1].split())
   except OSError:
     pass
-  return platform.processor()
+  return frozenset()
 
 
-def _build() -> str:
-  """Compiles the kernels' sources (once per source/jaxlib/CPU) and returns the library path."""
+def executable_isas() -> tuple[str, ...]:
+  """The kernel variants this CPU can run, best first ('generic' always)."""
+  x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+  flags = cpu_flags()
+  return tuple(isa for isa in ISAS if isa == "generic" or (x86 and set(_ISA_NEEDS[isa]) <= flags))
+
+
+def _check_isa(isa: str, source: str) -> str:
+  if isa not in ISAS:
+    raise ValueError(f"{source}={isa!r} is not a kernel variant; use one of {', '.join(ISAS)} (or unset it for the "
+                     f"best this CPU runs: {executable_isas()[0]})")
+  if isa not in executable_isas():
+    missing = sorted(set(_ISA_NEEDS[isa]) - cpu_flags())
+    shown = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "f16c", "sse")))) or "none read"
+    raise ValueError(f"{source}={isa!r}: this CPU cannot execute it (missing {', '.join(missing) or 'x86-64'}; "
+                     f"its vector flags: {shown}); use one of {', '.join(executable_isas())}")
+  return isa
+
+
+def selected_isa() -> str:
+  """The kernel variant in use: `forced_isa`'s, else $SPECJAX_CPU_ISA (avx512, avx2 or generic), else
+  the best this CPU runs. A value the CPU cannot execute raises ValueError naming its flags."""
+  if _override is not None:
+    return _override
+  env = os.environ.get("SPECJAX_CPU_ISA", "").strip().lower()
+  return _check_isa(env, "SPECJAX_CPU_ISA") if env else executable_isas()[0]
+
+
+@contextlib.contextmanager
+def forced_isa(isa: str):
+  """Runs the block with kernel variant `isa` (tests and benchmarks measure every variant the
+  machine runs in one process). Clears JAX's caches on entry and exit: a traced function
+  names its variant's kernels."""
+  global _override
+  previous = _override
+  _override = _check_isa(isa, "forced_isa")
+  jax.clear_caches()
+  try:
+    yield isa
+  finally:
+    _override = previous
+    jax.clear_caches()
+
+
+def _target(kind: str) -> str:
+  return f"specjax_{selected_isa()}_{kind}"
+
+
+def _cache_dir() -> str:
+  return os.environ.get("SPECJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "specjax"))
+
+
+def library_path(isa: str) -> str:
+  """Where the compiled library of variant `isa` lives: keyed by the sources, the compile
+  flags, the jaxlib version and the CPU's flags."""
   import jaxlib
   src = b""
   for path in _SOURCES + [_HEADER]:
     with open(path, "rb") as f:
       src += f.read()
-  key = hashlib.sha256(src + jaxlib.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
-  cache = os.environ.get("SPECJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "specjax"))
-  lib = os.path.join(cache, f"kernels-{key}.so")
-  if os.path.exists(lib):
-    return lib
+  key = hashlib.sha256(src + " ".join(_ISA_CFLAGS[isa]).encode() + jaxlib.__version__.encode()
+                       + " ".join(sorted(cpu_flags())).encode() + platform.machine().encode()).hexdigest()[:16]
+  return os.path.join(_cache_dir(), f"kernels-{isa}-{key}.so")
+
+
+def _compile(isa: str, lib: str) -> None:
   cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
   if cxx is None:
     raise RuntimeError("no C++ compiler (g++/clang++) on PATH")
-  os.makedirs(cache, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+  os.makedirs(os.path.dirname(lib), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(lib))
   os.close(fd)
-  cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+  cmd = [cxx, "-O3", *_ISA_CFLAGS[isa], f"-DSPECJAX_ISA_{isa.upper()}", "-std=c++17", "-shared", "-fPIC", "-w",
          "-I", jax.ffi.include_dir(), *_SOURCES, "-o", tmp]
   done = subprocess.run(cmd, capture_output=True, text=True)
   if done.returncode:
     os.unlink(tmp)
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
   os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
-  return lib
+
+
+def _build(isa: str) -> ctypes.CDLL:
+  """Compiles variant `isa` (once per source/flags/jaxlib/CPU) and loads it. A cached library that
+  does not load (truncated, corrupt) is rebuilt, with a warning."""
+  lib = library_path(isa)
+  if os.path.exists(lib):
+    try:
+      return ctypes.cdll.LoadLibrary(lib)
+    except OSError as e:
+      warnings.warn(f"specjax: cached kernel library {lib} does not load ({e}); rebuilding it", stacklevel=3)
+      os.unlink(lib)
+  _compile(isa, lib)
+  return ctypes.cdll.LoadLibrary(lib)
 
 
 @functools.cache
-def kernel_available() -> bool:
-  """True when the CPU kernel is built and registered (compiles it on first call)."""
-  if os.environ.get("SPECJAX_CPU_KERNEL", "1") == "0":
-    return False
+def _registered(isa: str) -> bool:
   try:
-    lib = ctypes.cdll.LoadLibrary(_build())
+    lib = _build(isa)
     for kind, symbol in _HANDLERS.items():
-      jax.ffi.register_ffi_target(_TARGETS[kind], jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+      jax.ffi.register_ffi_target(f"specjax_{isa}_{kind}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   except (OSError, RuntimeError, AttributeError) as e:
-    warnings.warn(f"specjax: CPU small-matmul kernel unavailable, using XLA dots ({e})", stacklevel=2)
+    warnings.warn(f"specjax: CPU kernels ({isa}) unavailable, using XLA dots ({e})", stacklevel=3)
     return False
   return True
+
+
+def kernel_available() -> bool:
+  """True when the CPU kernels of the selected variant are built and registered (compiles them
+  on first call). SPECJAX_CPU_KERNEL=0 turns them off."""
+  if os.environ.get("SPECJAX_CPU_KERNEL", "1") == "0":
+    return False
+  return _registered(selected_isa())
 
 
 def cpu_kernels_serve(*arrays: jax.Array) -> bool:
@@ -121,7 +208,7 @@ def _small(layout: str, x: jax.Array, w: jax.Array, packed=()) -> jax.Array:
   if packed and packed[0].shape[0] != n:
     raise ValueError(f"packed weight has {packed[0].shape[0]} rows, the float32 weight {n} outputs")
   x2 = x.reshape(-1, x.shape[-1])
-  target = _TARGETS[_packed_kind(packed) if packed else layout]
+  target = _target(_packed_kind(packed) if packed else layout)
   out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
   y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(x2, *(packed or (w,)))
   return y.reshape(x.shape[:-1] + (n,))
@@ -243,9 +330,9 @@ def attention(write: bool, q, k_cache, v_cache, k_new, v_new, mask, starts):
   out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
   args = (q, k_cache, v_cache, k_new, v_new, mask.astype(bool), starts.astype(jnp.int32))
   if not write:
-    return jax.ffi.ffi_call(_TARGETS["attend_read"], out, vmap_method="sequential")(*args)
+    return jax.ffi.ffi_call(_target("attend_read"), out, vmap_method="sequential")(*args)
   outs = (out, jax.ShapeDtypeStruct(k_cache.shape, jnp.float32), jax.ShapeDtypeStruct(v_cache.shape, jnp.float32))
-  return tuple(jax.ffi.ffi_call(_TARGETS["attend_write"], outs, input_output_aliases={1: 1, 2: 2},
+  return tuple(jax.ffi.ffi_call(_target("attend_write"), outs, input_output_aliases={1: 1, 2: 2},
                                 vmap_method="sequential")(*args))
 
 
@@ -255,7 +342,7 @@ def cache_write(layer_cache: jax.Array, new: jax.Array, starts: jax.Array) -> ja
   from specjax import cache as cache_lib
   if not cpu_kernels_serve(layer_cache):
     return cache_lib.write(layer_cache, new, starts)
-  return jax.ffi.ffi_call(_TARGETS["cache_write"], jax.ShapeDtypeStruct(layer_cache.shape, jnp.float32),
+  return jax.ffi.ffi_call(_target("cache_write"), jax.ShapeDtypeStruct(layer_cache.shape, jnp.float32),
                           input_output_aliases={0: 0}, vmap_method="sequential")(
                               layer_cache, new.astype(jnp.float32), starts.astype(jnp.int32))
 

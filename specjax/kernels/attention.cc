@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -30,49 +31,51 @@ namespace {
 
 using namespace specjax;
 
-typedef int32_t i16 __attribute__((vector_size(64)));
-
-inline v16 splat(float x) { return v16{} + x; }
-// exp(x) for x <= 0, 16 lanes (Cephes expf: range reduction by ln 2, degree-6
-// polynomial; ~1 ulp). Lane-wise, so a value's result never depends on its lane.
-inline v16 exp16(v16 x) {
+// exp(x) for x <= 0, lane-wise (Cephes expf: range reduction by ln 2, degree-6
+// polynomial; ~1 ulp). A value's result never depends on its lane.
+inline vf expv(vf x) {
   x = x < splat(-87.3f) ? splat(-87.3f) : x;
-  const v16 t = x * 1.44269504088896341f + 0.5f;
-  i16 n = __builtin_convertvector(t, i16);
-  n -= (__builtin_convertvector(n, v16) > t) ? 1 : 0;  // floor
-  const v16 fn = __builtin_convertvector(n, v16);
-  const v16 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
+  const vf t = x * 1.44269504088896341f + 0.5f;
+  vi n = __builtin_convertvector(t, vi);
+  n -= (__builtin_convertvector(n, vf) > t) ? 1 : 0;  // floor
+  const vf fn = __builtin_convertvector(n, vf);
+  const vf r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const v16 y = p * r * r + r + 1.0f;
-  const i16 bits = (n + 127) << 23;
-  v16 scale;
+  const vf y = p * r * r + r + 1.0f;
+  const vi bits = (n + 127) << 23;
+  vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return y * scale;
 }
 
-constexpr i16 kLane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+template <int... I>
+constexpr vi iota(std::integer_sequence<int, I...>) { return vi{I...}; }
+constexpr vi kLane = iota(std::make_integer_sequence<int, kLanes>{});
 
-// Lane i of the result = the sum of the 16 lanes of a[i]: one shuffle-add tree for 16
-// vectors (15 adds, 30 shuffles) instead of 16 separate horizontal sums. The adds a
-// lane sum goes through depend only on the lane, not on the other vectors.
-inline v16 sum_lanes16(const v16* a) {
-  v16 b[8], c[4], d[2];
-  for (int j = 0; j < 8; ++j)
-    b[j] = __builtin_shufflevector(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a[2 * j], a[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  for (int j = 0; j < 4; ++j)
-    c[j] = __builtin_shufflevector(b[2 * j], b[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(b[2 * j], b[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  for (int j = 0; j < 2; ++j)
-    d[j] = __builtin_shufflevector(c[2 * j], c[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(c[2 * j], c[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+// One step of the lane-sum tree: x and y hold segments of S lanes, each segment partial
+// sums of one original vector; the result holds segments of S / 2 (first half + second).
+template <int S, int... I>
+inline vf halve(vf x, vf y, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(x, y, ((I / (S / 2)) * S + I % (S / 2))...) +
+         __builtin_shufflevector(x, y, ((I / (S / 2)) * S + S / 2 + I % (S / 2))...);
+}
+template <int S>
+inline void halve_all(vf* a, int n) {
+  for (int j = 0; j < n / 2; ++j) a[j] = halve<S>(a[2 * j], a[2 * j + 1], std::make_integer_sequence<int, kLanes>{});
+  if constexpr (S > 2) halve_all<S / 2>(a, n / 2);
+}
+
+// Lane i of the result = the sum of the kLanes lanes of a[i] (a is overwritten): one
+// shuffle-add tree for kLanes vectors instead of kLanes horizontal sums. The adds a lane
+// sum goes through depend only on the lane, not on the other vectors.
+inline vf sum_lanes(vf* a) {
+  halve_all<kLanes>(a, kLanes);
+  return a[0];
 }
 
 constexpr int kMaxG = 16;  // query heads per KV head handled in one pass
@@ -81,23 +84,24 @@ struct Dims {
   int64_t B, T, K, G, H, S;
 };
 
-// P.V for NG query heads x NC 16-float chunks of the head dim at once: NG*NC independent
-// accumulators, so the loop over keys is bound by FMA throughput, not by the latency of
-// one accumulator chain (a 4x slower verify row with one chain per (head, chunk)). Each
+// P.V for NG query heads x NC kLanes-float chunks of the head dim at once: NG*NC independent
+// accumulators (at most 12, which 16 registers hold with the value and score loads), so
+// the loop over keys is bound by FMA throughput, not by the latency of one accumulator
+// chain (a 4x slower verify row with one chain per (head, chunk)). Each
 // accumulator still sums its keys in ascending order, so results do not depend on T.
 constexpr int kPvHeads = 3, kPvChunks = 4;
 
 template <int NG, int NC>
 void pv(int64_t n, int64_t np, const float* const* vals, const float* sc, int64_t h0, float* ob, int64_t H,
         const float* inv) {
-  v16 acc[NG][NC] = {};
+  vf acc[NG][NC] = {};
   for (int64_t i = 0; i < n; ++i) {
     const float* v = vals[i] + h0;
     for (int g = 0; g < NG; ++g)
-      for (int c = 0; c < NC; ++c) acc[g][c] += sc[g * np + i] * load(v + 16 * c);
+      for (int c = 0; c < NC; ++c) acc[g][c] += sc[g * np + i] * load(v + kLanes * c);
   }
   for (int g = 0; g < NG; ++g)
-    for (int c = 0; c < NC; ++c) store(ob + g * H + 16 * c, acc[g][c] * inv[g]);
+    for (int c = 0; c < NC; ++c) store(ob + g * H + kLanes * c, acc[g][c] * inv[g]);
 }
 
 void pv_dispatch(int64_t ng, int64_t nc, int64_t n, int64_t np, const float* const* vals, const float* sc,
@@ -126,25 +130,25 @@ void attend_one(const Dims& d, const float* q, const float* kc, const float* vc,
       const int64_t off = ((b * T + j) * d.K + k) * H;
       keys.push_back(kn + off), vals.push_back(vn + off);
     }
-  const int64_t n = static_cast<int64_t>(keys.size()), np = (n + 15) / 16 * 16;
+  const int64_t n = static_cast<int64_t>(keys.size()), np = (n + kLanes - 1) / kLanes * kLanes;
   const float* qb = q + ((b * T + t) * d.K + k) * G * H;
   float* ob = out + ((b * T + t) * d.K + k) * G * H;
   if (n == 0) {  // nothing visible: zeros (XLA's masked softmax would average garbage)
     std::memset(ob, 0, sizeof(float) * G * H);
     return;
   }
-  sc.resize(G * np);  // every 16-key block is written in full below
-  for (int64_t i0 = 0; i0 < n; i0 += 16) {  // 16 keys at a time, their lane sums in one tree
-    const float* kr[16];
-    for (int j = 0; j < 16; ++j) kr[j] = keys[std::min(i0 + j, n - 1)];  // past n: any key, masked
-    const i16 valid = kLane < static_cast<int32_t>(n - i0);
+  sc.resize(G * np);  // every kLanes-key block is written in full below
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {  // kLanes keys at a time, their lane sums in one tree
+    const float* kr[kLanes];
+    for (int j = 0; j < kLanes; ++j) kr[j] = keys[std::min(i0 + j, n - 1)];  // past n: any key, masked
+    const vi valid = kLane < static_cast<int32_t>(n - i0);
     for (int64_t g = 0; g < G; ++g) {
-      v16 acc[16] = {};
-      for (int64_t h = 0; h < H; h += 16) {
-        const v16 qh = load(qb + g * H + h);
-        for (int j = 0; j < 16; ++j) acc[j] += qh * load(kr[j] + h);
+      vf acc[kLanes] = {};
+      for (int64_t h = 0; h < H; h += kLanes) {
+        const vf qh = load(qb + g * H + h);
+        for (int j = 0; j < kLanes; ++j) acc[j] += qh * load(kr[j] + h);
       }
-      const v16 s = sum_lanes16(acc) * scale;
+      const vf s = sum_lanes(acc) * scale;
       store(sc.data() + g * np + i0, valid ? s : splat(-INFINITY));
     }
   }
@@ -152,18 +156,18 @@ void attend_one(const Dims& d, const float* q, const float* kc, const float* vc,
   for (int64_t g = 0; g < G; ++g) {
     float* row = sc.data() + g * np;
     const float mx = *std::max_element(row, row + n);
-    v16 sum{};
-    for (int64_t i = 0; i < np; i += 16) {
-      const v16 in = load(row + i);
-      const v16 p = in == splat(-INFINITY) ? splat(0.f) : exp16(in - mx);  // padding lanes: 0
+    vf sum{};
+    for (int64_t i = 0; i < np; i += kLanes) {
+      const vf in = load(row + i);
+      const vf p = in == splat(-INFINITY) ? splat(0.f) : expv(in - mx);  // padding lanes: 0
       store(row + i, p);
       sum += p;
     }
     inv[g] = 1.0f / hsum(sum);
   }
   for (int64_t g = 0; g < G; g += kPvHeads)
-    for (int64_t h = 0; h < H; h += 16 * kPvChunks)
-      pv_dispatch(std::min<int64_t>(kPvHeads, G - g), std::min<int64_t>(kPvChunks, (H - h) / 16), n, np,
+    for (int64_t h = 0; h < H; h += kLanes * kPvChunks)
+      pv_dispatch(std::min<int64_t>(kPvHeads, G - g), std::min<int64_t>(kPvChunks, (H - h) / kLanes), n, np,
                   vals.data(), sc.data() + g * np, h, ob + g * H + h, H, inv + g);
 }
 

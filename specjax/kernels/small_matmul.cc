@@ -17,8 +17,6 @@
 // so the weights used are bitwise the float32 ones; only 0.625 (Q4_1) or 1.06
 // (Q8_0) bytes per weight are read from memory instead of 4.
 // Work is split over column blocks and shared with XLA's intra-op thread pool.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -34,74 +32,98 @@ namespace {
 
 using namespace specjax;
 
-constexpr int kMaxRows = 6;     // rows per register block: 6 x 4 accumulators + 4 weights
+// Register blocking, sized for the variant's register file (common.h). Every accumulator
+// below is one vector; a pass also holds its weight vectors and one x vector.
+//   kn: kKnVecs vectors of columns x kKnRows rows     (32 regs: 4 x 6 = 24; 16 regs: 4 x 2 = 8)
+//   nk: 4 outputs x kNkRows rows                      (same budget)
+//   quantized: up to kQRows rows x NB outputs, 2 NB weight vectors (see q_nb)
+constexpr int kKnVecs = 4;
+constexpr int kKnRows = kRegs >= 32 ? 6 : 2;
+constexpr int kNkRows = kRegs >= 32 ? 6 : 2;
+constexpr int kQRows = kRegs >= 32 ? 8 : 4;
+constexpr int64_t kKnWidth = kKnVecs * kLanes;  // columns per kn block
 constexpr int64_t kSlab = 32;   // W rows per pass in kn
 constexpr int64_t kAhead = 64;  // kn prefetch distance along a W row, in floats (the next block)
 
-// kn: 64 columns [n0, n0 + 64) of MR rows over W rows [k0, k1), added to y unless k0 == 0.
-// Walking k in short slabs keeps the weight reads to a few sequential streams
-// (one per W row of the slab) instead of one strided jump per k.
+// kn: kKnWidth columns [n0, n0 + kKnWidth) of MR rows over W rows [k0, k1), added to y
+// unless k0 == 0. Walking k in short slabs keeps the weight reads to a few sequential
+// streams (one per W row of the slab) instead of one strided jump per k.
 template <int MR>
 void kn_block(const float* x, int64_t K, const float* w, int64_t N, float* y, int64_t n0, int64_t k0,
               int64_t k1) {
-  v16 acc[MR][4];
+  vf acc[MR][kKnVecs];
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < 4; ++j) acc[m][j] = k0 ? load(y + m * N + n0 + 16 * j) : v16{};
+    for (int j = 0; j < kKnVecs; ++j) acc[m][j] = k0 ? load(y + m * N + n0 + kLanes * j) : vf{};
   const float* wp = w + k0 * N + n0;
   for (int64_t k = k0; k < k1; ++k, wp += N) {
-    for (int j = 0; j < 64; j += 16) __builtin_prefetch(wp + kAhead + j, 0, 0);  // a later block, same row
-    const v16 w0 = load(wp), w1 = load(wp + 16), w2 = load(wp + 32), w3 = load(wp + 48);
+    for (int j = 0; j < kKnWidth; j += 16) __builtin_prefetch(wp + kAhead + j, 0, 0);  // a later block, same row
+    vf wv[kKnVecs];
+    for (int j = 0; j < kKnVecs; ++j) wv[j] = load(wp + kLanes * j);
     for (int m = 0; m < MR; ++m) {
       const float xv = x[m * K + k];
-      acc[m][0] += xv * w0;
-      acc[m][1] += xv * w1;
-      acc[m][2] += xv * w2;
-      acc[m][3] += xv * w3;
+      for (int j = 0; j < kKnVecs; ++j) acc[m][j] += xv * wv[j];
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < 4; ++j) store(y + m * N + n0 + 16 * j, acc[m][j]);
+    for (int j = 0; j < kKnVecs; ++j) store(y + m * N + n0 + kLanes * j, acc[m][j]);
 }
+
+// The order in which a row of K weights is summed, shared by the float32 nk kernel and the
+// quantized kernels (so a packed matrix gives bitwise the float32 result): 32-weight blocks
+// in order; inside a block, pairs p = 0 .. 16 / kLanes - 1 of the chunks at p * kLanes and
+// 16 + p * kLanes (a Q4_1 byte holds weights j and j + 16: one load serves a pair);
+// a last partial block (K % 32 == 16) in chunk order.
+constexpr int kPairs = 16 / kLanes;
 
 // nk: 4 outputs [n0, n0 + 4) of MR rows; needs K % 16 == 0.
 template <int MR>
 void nk_block(const float* x, int64_t K, const float* w, int64_t N, float* y, int64_t n0, int64_t, int64_t) {
-  v16 acc[MR][4] = {};
+  vf acc[MR][4] = {};
   const float* r0 = w + n0 * K;
-  for (int64_t k = 0; k < K; k += 16) {
-    const v16 w0 = load(r0 + k), w1 = load(r0 + K + k), w2 = load(r0 + 2 * K + k), w3 = load(r0 + 3 * K + k);
+  auto chunk = [&](int64_t k) {
+    const vf w0 = load(r0 + k), w1 = load(r0 + K + k), w2 = load(r0 + 2 * K + k), w3 = load(r0 + 3 * K + k);
     for (int m = 0; m < MR; ++m) {
-      const v16 xv = load(x + m * K + k);
+      const vf xv = load(x + m * K + k);
       acc[m][0] += xv * w0;
       acc[m][1] += xv * w1;
       acc[m][2] += xv * w2;
       acc[m][3] += xv * w3;
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32)
+    for (int p = 0; p < kPairs; ++p) chunk(k + p * kLanes), chunk(k + 16 + p * kLanes);
+  for (; k < K; k += kLanes) chunk(k);
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < 4; ++j) y[m * N + n0 + j] = hsum(acc[m][j]);
 }
 
-
-// One 32-weight block of output row n, block b, as two vectors (weights 0-15, 16-31).
+// Pair p of a 32-weight block of output row n, block b: wa = weights [p L, p L + L) and
+// wb = [16 + p L, 16 + p L + L) (L = kLanes), dequantized exactly as gguf-py does (d * q + m
+// with d * q exact: one rounding, with or without FMA).
 // Q4_1: per block d, m (float32 here; float16 in the file) and 16 bytes: byte j
 // holds weight j (low nibble) and weight j + 16 (high nibble).
 struct Q41 {
   const uint8_t* qs;  // [N, K / 2]
   const float* dm;    // [N, K / 32, 2]
   int64_t K;
-  inline void deq(int64_t n, int64_t b, v16& lo, v16& hi) const {
-    const uint8_t* q = qs + n * (K / 2) + 16 * b;
+  inline void deq(int64_t n, int64_t b, int p, vf& wa, vf& wb) const {
+    const uint8_t* q = qs + n * (K / 2) + 16 * b + p * kLanes;
     const float d = dm[(n * (K / 32) + b) * 2], m = dm[(n * (K / 32) + b) * 2 + 1];
-#ifdef __AVX512F__
+#if defined(SPECJAX_ISA_AVX512)
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
     const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
-    lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), vd, vm);
-    hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), vd, vm);
+    wa = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), vd, vm);
+    wb = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), vd, vm);
+#elif defined(SPECJAX_ISA_AVX2)
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+    const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+    wa = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), vd, vm);
+    wb = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), vd, vm);
 #else
-    for (int j = 0; j < 16; ++j) {
-      lo[j] = static_cast<float>(q[j] & 15) * d + m;
-      hi[j] = static_cast<float>(q[j] >> 4) * d + m;
+    for (int j = 0; j < kLanes; ++j) {
+      wa[j] = static_cast<float>(q[j] & 15) * d + m;
+      wb[j] = static_cast<float>(q[j] >> 4) * d + m;
     }
 #endif
   }
@@ -112,36 +134,41 @@ struct Q80 {
   const int8_t* qs;  // [N, K]
   const float* d;    // [N, K / 32]
   int64_t K;
-  inline void deq(int64_t n, int64_t b, v16& lo, v16& hi) const {
-    const int8_t* q = qs + n * K + 32 * b;
+  inline void deq(int64_t n, int64_t b, int p, vf& wa, vf& wb) const {
+    const int8_t* q = qs + n * K + 32 * b + p * kLanes;
     const float s = d[n * (K / 32) + b];
-#ifdef __AVX512F__
+#if defined(SPECJAX_ISA_AVX512)
     const __m512 vs = _mm512_set1_ps(s);
-    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), vs);
-    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))), vs);
+    wa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), vs);
+    wb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))), vs);
+#elif defined(SPECJAX_ISA_AVX2)
+    const __m256 vs = _mm256_set1_ps(s);
+    wa = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)))), vs);
+    wb = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 16)))), vs);
 #else
-    for (int j = 0; j < 16; ++j) {
-      lo[j] = static_cast<float>(q[j]) * s;
-      hi[j] = static_cast<float>(q[j + 16]) * s;
+    for (int j = 0; j < kLanes; ++j) {
+      wa[j] = static_cast<float>(q[j]) * s;
+      wb[j] = static_cast<float>(q[j + 16]) * s;
     }
 #endif
   }
 };
 
-#define SPECJAX_DISPATCH(fn)                                                                \
+#define SPECJAX_DISPATCH(fn, rows)                                                        \
   void fn##_rows(int mr, const float* x, int64_t K, const float* w, int64_t N, float* y,  \
                  int64_t n0, int64_t k0, int64_t k1) {                                    \
+    static_assert(rows == 2 || rows == 6, "dispatch covers 2 or 6 rows");                 \
     switch (mr) {                                                                         \
       case 1: return fn<1>(x, K, w, N, y, n0, k0, k1);                                    \
       case 2: return fn<2>(x, K, w, N, y, n0, k0, k1);                                    \
-      case 3: return fn<3>(x, K, w, N, y, n0, k0, k1);                                    \
-      case 4: return fn<4>(x, K, w, N, y, n0, k0, k1);                                    \
-      case 5: return fn<5>(x, K, w, N, y, n0, k0, k1);                                    \
-      default: return fn<6>(x, K, w, N, y, n0, k0, k1);                                   \
+      case 3: return fn<(rows > 2 ? 3 : 2)>(x, K, w, N, y, n0, k0, k1);                   \
+      case 4: return fn<(rows > 2 ? 4 : 2)>(x, K, w, N, y, n0, k0, k1);                   \
+      case 5: return fn<(rows > 2 ? 5 : 2)>(x, K, w, N, y, n0, k0, k1);                   \
+      default: return fn<rows>(x, K, w, N, y, n0, k0, k1);                                \
     }                                                                                     \
   }
-SPECJAX_DISPATCH(kn_block)
-SPECJAX_DISPATCH(nk_block)
+SPECJAX_DISPATCH(kn_block, kKnRows)
+SPECJAX_DISPATCH(nk_block, kNkRows)
 
 // Plain loops for the columns a block does not cover (and K % 16 != 0 in nk).
 void scalar_cols(bool nk, const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y,
@@ -163,21 +190,21 @@ ffi::Error Run(bool nk, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  const int64_t width = nk ? 4 : 64;                 // columns per block
+  const int64_t width = nk ? 4 : kKnWidth;           // columns per block
   const int64_t blocks = (nk && K % 16) ? 0 : N / width;
   parallel_for(pool, blocks, [=](int64_t b0, int64_t b1) {
     if (nk) {
       for (int64_t b = b0; b < b1; ++b)
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
-          nk_block_rows(static_cast<int>(std::min<int64_t>(kMaxRows, M - m0)), xp + m0 * K, K, wp, N,
+        for (int64_t m0 = 0; m0 < M; m0 += kNkRows)
+          nk_block_rows(static_cast<int>(std::min<int64_t>(kNkRows, M - m0)), xp + m0 * K, K, wp, N,
                         yp + m0 * N, b * width, 0, K);
       return;
     }
     for (int64_t k0 = 0; k0 < K; k0 += kSlab) {
       const int64_t k1 = std::min(K, k0 + kSlab);
       for (int64_t b = b0; b < b1; ++b)
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
-          kn_block_rows(static_cast<int>(std::min<int64_t>(kMaxRows, M - m0)), xp + m0 * K, K, wp, N,
+        for (int64_t m0 = 0; m0 < M; m0 += kKnRows)
+          kn_block_rows(static_cast<int>(std::min<int64_t>(kKnRows, M - m0)), xp + m0 * K, K, wp, N,
                         yp + m0 * N, b * width, k0, k1);
     }
   });
@@ -185,51 +212,62 @@ ffi::Error Run(bool nk, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-// NB outputs [n0, n0 + NB) of MR rows from a block-quantized W [N, K]: each 32-weight
-// block is dequantized into registers once and used for all MR rows. A row accumulates
-// x[32b:+16] * lo then x[32b+16:+16] * hi for b = 0, 1, ... whatever MR and NB are
-// (the nk order), so its result does not depend on how many rows share the pass.
+// NB outputs [n0, n0 + NB) of MR rows from a block-quantized W [N, K]: each pair of a
+// 32-weight block is dequantized into registers once and used for all MR rows. A row sums
+// its products in the order of nk_block whatever MR and NB are, so its result does not
+// depend on how many rows share the pass, and equals the float32 nk kernel's bit for bit.
 template <int MR, int NB, class Q>
 void q_block(const float* x, int64_t K, const Q& w, float* y, int64_t N, int64_t n0) {
-  v16 acc[MR][NB] = {};
-  for (int64_t b = 0; b < K / 32; ++b) {
-    v16 lo[NB], hi[NB];
-    for (int j = 0; j < NB; ++j) w.deq(n0 + j, b, lo[j], hi[j]);
-    for (int m = 0; m < MR; ++m) {
-      const v16 xl = load(x + m * K + 32 * b), xh = load(x + m * K + 32 * b + 16);
-      for (int j = 0; j < NB; ++j) {
-        acc[m][j] += xl * lo[j];
-        acc[m][j] += xh * hi[j];
+  vf acc[MR][NB] = {};
+  for (int64_t b = 0; b < K / 32; ++b)
+    for (int p = 0; p < kPairs; ++p) {
+      vf wa[NB], wb[NB];
+      for (int j = 0; j < NB; ++j) w.deq(n0 + j, b, p, wa[j], wb[j]);
+      for (int m = 0; m < MR; ++m) {
+        const float* xr = x + m * K + 32 * b + p * kLanes;
+        const vf xa = load(xr), xb = load(xr + 16);
+        for (int j = 0; j < NB; ++j) {
+          acc[m][j] += xa * wa[j];
+          acc[m][j] += xb * wb[j];
+        }
       }
     }
-  }
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NB; ++j) y[m * N + n0 + j] = hsum(acc[m][j]);
 }
 
-// A group of kGroup outputs in passes that fit 32 vector registers (MR x NB accumulators,
-// 2 x NB weights, 2 x): 4 outputs for up to 4 rows, 3 for 5-6 rows, 2 for 7-8 rows.
+// Outputs per pass for MR rows: MR x NB accumulators + 2 NB weights + 2 x within the
+// registers. 32 registers: 4 outputs up to 4 rows, 3 for 5-6, 2 for 7-8 (at most 26 live);
+// 16 registers: 4 for 1 row, 3 for 2, 2 for 3-4 (at most 14 live, 8 accumulators).
+constexpr int q_nb(int mr) {
+  return kRegs >= 32 ? (mr <= 4 ? 4 : mr <= 6 ? 3 : 2) : (mr == 1 ? 4 : mr == 2 ? 3 : 2);
+}
+
+// A group of kGroup outputs (a multiple of every q_nb) in passes of NB.
 constexpr int kGroup = 12;
-template <int MR, int NB, class Q>
+template <int MR, class Q>
 void q_group(const float* x, int64_t K, const Q& w, float* y, int64_t N, int64_t n0) {
+  constexpr int NB = q_nb(MR);
+  static_assert(kGroup % NB == 0, "a group is whole passes");
   for (int j = 0; j < kGroup; j += NB) q_block<MR, NB>(x, K, w, y, N, n0 + j);
 }
 template <class Q>
 void q_pass(int mr, const float* x, int64_t K, const Q& w, float* y, int64_t N, int64_t n0) {
+  static_assert(kQRows == 4 || kQRows == 8, "q_pass covers 4 or 8 rows");
   switch (mr) {
-    case 1: return q_group<1, 4>(x, K, w, y, N, n0);
-    case 2: return q_group<2, 4>(x, K, w, y, N, n0);
-    case 3: return q_group<3, 4>(x, K, w, y, N, n0);
-    case 4: return q_group<4, 4>(x, K, w, y, N, n0);
-    case 5: return q_group<5, 3>(x, K, w, y, N, n0);
-    case 6: return q_group<6, 3>(x, K, w, y, N, n0);
-    case 7: return q_group<7, 2>(x, K, w, y, N, n0);
-    default: return q_group<8, 2>(x, K, w, y, N, n0);
+    case 1: return q_group<1>(x, K, w, y, N, n0);
+    case 2: return q_group<2>(x, K, w, y, N, n0);
+    case 3: return q_group<3>(x, K, w, y, N, n0);
+    case 4: return q_group<4>(x, K, w, y, N, n0);
+    case 5: return q_group<(kQRows > 4 ? 5 : 4)>(x, K, w, y, N, n0);
+    case 6: return q_group<(kQRows > 4 ? 6 : 4)>(x, K, w, y, N, n0);
+    case 7: return q_group<(kQRows > 4 ? 7 : 4)>(x, K, w, y, N, n0);
+    default: return q_group<kQRows>(x, K, w, y, N, n0);
   }
 }
 
 // y[M, N] = x[M, K] @ dequant(W)^T for a block-quantized W [N, K] (Q41 or Q80), in
-// passes of up to 8 rows over groups of kGroup outputs.
+// passes of up to kQRows rows over groups of kGroup outputs.
 template <class Q>
 ffi::Error RunQuant(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, int64_t N, const Q& w,
                     ffi::ResultBuffer<ffi::F32>& y) {
@@ -239,8 +277,9 @@ ffi::Error RunQuant(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, int64_t N, 
   float* yp = y->typed_data();
   parallel_for(pool, N / kGroup, [=](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
-      for (int64_t m0 = 0; m0 < M; m0 += 8)
-        q_pass(static_cast<int>(std::min<int64_t>(8, M - m0)), xp + m0 * K, K, w, yp + m0 * N, N, kGroup * g);
+      for (int64_t m0 = 0; m0 < M; m0 += kQRows)
+        q_pass(static_cast<int>(std::min<int64_t>(kQRows, M - m0)), xp + m0 * K, K, w, yp + m0 * N, N,
+               kGroup * g);
   });
   for (int64_t n = N / kGroup * kGroup; n < N; ++n)  // the last N % kGroup outputs
     for (int64_t m0 = 0; m0 < M; ++m0) q_block<1, 1>(xp + m0 * K, K, w, yp + m0 * N, N, n);
