@@ -19,6 +19,7 @@ from flax import nnx, struct
 
 from specjax import cache as cache_lib
 from specjax.drafters.base import Context, Drafter
+from specjax import kernels
 from specjax.kernels import cache_write
 from specjax.models.model import Model
 from specjax.sampling import Sampling
@@ -271,6 +272,7 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
     stop_ids: token ids that end a row (default: the model's EOS ids); the stop
       token is emitted, nothing after it.
   """
+  kernels.selected_isa()  # a bad SPECJAX_CPU_ISA fails here, before anything compiles
   sampling = Sampling() if sampling is None else sampling
   if not isinstance(sampling, Sampling):
     raise ValueError(f"sampling must be a specjax.Sampling, got {type(sampling).__name__}")

@@ -38,6 +38,25 @@ def _truncate(path, keep=0.5):
   return path
 
 
+def _with_isa(value, fn, flags=None):
+  """Runs fn with SPECJAX_CPU_ISA=value (and, given flags, a CPU reporting only those flags)."""
+  from specjax import kernels
+  old_env, old_flags = os.environ.get("SPECJAX_CPU_ISA"), kernels.cpu_flags
+  os.environ["SPECJAX_CPU_ISA"] = value
+  if flags is not None:
+    kernels.cpu_flags = lambda: frozenset(flags)
+  try:
+    return fn()
+  finally:
+    kernels.cpu_flags = old_flags
+    if old_env is None:
+      os.environ.pop("SPECJAX_CPU_ISA")
+    else:
+      os.environ["SPECJAX_CPU_ISA"] = old_env
+
+
+ZEN3_FLAGS = ("sse2", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2")
+
 # (id, area, what, build(model, tmp_path) -> raises, error type, message regex)
 CASES = [
     ("gguf-missing", "loader", "GGUF path that does not exist",
@@ -121,6 +140,13 @@ CASES = [
      lambda m, t: _gen(testing.tiny_model(vocab_size=300), [[3]], drafter=dataclasses.replace(
          sj.make_drafter("draft", testing.tiny_model(vocab_size=300), k=2, layers=1), tokenizer_fingerprint="abc")),
      ValueError, r"drafter tokenizer abc differs"),
+    ("isa-unknown", "kernels", "SPECJAX_CPU_ISA naming no kernel variant",
+     lambda m, t: _with_isa("avx9", lambda: _gen(m, [[3, 4]])), ValueError,
+     r"SPECJAX_CPU_ISA='avx9' is not a kernel variant; use one of avx512, avx2, generic"),
+    ("isa-unexecutable", "kernels", "SPECJAX_CPU_ISA=avx512 on a CPU without AVX-512 (an AMD Zen 3's flags)",
+     lambda m, t: _with_isa("avx512", lambda: sj.load_model(), flags=ZEN3_FLAGS), ValueError,
+     r"SPECJAX_CPU_ISA='avx512': this CPU cannot execute it \(missing avx512bw, avx512dq, avx512f, avx512vl; "
+     r"its vector flags: avx avx2 f16c fma sse2 .*\); use one of avx2, generic"),
     ("nan-logits", "runtime", "target producing NaN logits (checked mode, the default)",
      lambda m, t: _gen(dataclasses.replace(m, params=__import__("jax").tree.map(lambda x: x * float("nan"), m.params)),
                        [[3, 4]]), ValueError, r"NaN logits for rows \[0\]"),

@@ -37,6 +37,8 @@ def load_model(path: str | None = None, *, packed: bool = True) -> Model:
   CPU kernel reads for decode and verify steps (same weights, 4-6x fewer bytes per
   step); False uses only the float32 copies. Loaded models are memoised by path.
   """
+  from specjax import kernels
+  kernels.selected_isa()  # a bad SPECJAX_CPU_ISA fails here, before any weights are read
   if path is None:
     path = default_model_path()
   if not isinstance(path, (str, os.PathLike)):

@@ -85,11 +85,11 @@ struct Dims {
 };
 
 // P.V for NG query heads x NC kLanes-float chunks of the head dim at once: NG*NC independent
-// accumulators (at most 12, which 16 registers hold with the value and score loads), so
+// accumulators (12, or 9 with 16 registers, which leaves room for the value and score loads), so
 // the loop over keys is bound by FMA throughput, not by the latency of one accumulator
 // chain (a 4x slower verify row with one chain per (head, chunk)). Each
 // accumulator still sums its keys in ascending order, so results do not depend on T.
-constexpr int kPvHeads = 3, kPvChunks = 4;
+constexpr int kPvHeads = 3, kPvChunks = kRegs >= 32 ? 4 : 3;  // 16 registers: 9 accumulators + 3 + 3
 
 template <int NG, int NC>
 void pv(int64_t n, int64_t np, const float* const* vals, const float* sc, int64_t h0, float* ob, int64_t H,
@@ -107,7 +107,8 @@ void pv(int64_t n, int64_t np, const float* const* vals, const float* sc, int64_
 void pv_dispatch(int64_t ng, int64_t nc, int64_t n, int64_t np, const float* const* vals, const float* sc,
                  int64_t h0, float* ob, int64_t H, const float* inv) {
   using Fn = void (*)(int64_t, int64_t, const float* const*, const float*, int64_t, float*, int64_t, const float*);
-  static constexpr Fn table[kPvHeads][kPvChunks] = {{pv<1, 1>, pv<1, 2>, pv<1, 3>, pv<1, 4>},
+  static_assert(kPvHeads <= 3 && kPvChunks <= 4, "the table covers 3 x 4");
+  static constexpr Fn table[3][4] = {{pv<1, 1>, pv<1, 2>, pv<1, 3>, pv<1, 4>},
                                                     {pv<2, 1>, pv<2, 2>, pv<2, 3>, pv<2, 4>},
                                                     {pv<3, 1>, pv<3, 2>, pv<3, 3>, pv<3, 4>}};
   table[ng - 1][nc - 1](n, np, vals, sc, h0, ob, H, inv);

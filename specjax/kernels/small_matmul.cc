@@ -219,28 +219,43 @@ ffi::Error Run(bool nk, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 template <int MR, int NB, class Q>
 void q_block(const float* x, int64_t K, const Q& w, float* y, int64_t N, int64_t n0) {
   vf acc[MR][NB] = {};
-  for (int64_t b = 0; b < K / 32; ++b)
-    for (int p = 0; p < kPairs; ++p) {
-      vf wa[NB], wb[NB];
-      for (int j = 0; j < NB; ++j) w.deq(n0 + j, b, p, wa[j], wb[j]);
-      for (int m = 0; m < MR; ++m) {
-        const float* xr = x + m * K + 32 * b + p * kLanes;
-        const vf xa = load(xr), xb = load(xr + 16);
-        for (int j = 0; j < NB; ++j) {
-          acc[m][j] += xa * wa[j];
-          acc[m][j] += xb * wb[j];
+  for (int64_t b = 0; b < K / 32; ++b) {
+    if constexpr (kRegs >= 32) {  // all NB outputs' weights of a pair in registers, x loaded once per row
+      for (int p = 0; p < kPairs; ++p) {
+        vf wa[NB], wb[NB];
+        for (int j = 0; j < NB; ++j) w.deq(n0 + j, b, p, wa[j], wb[j]);
+        for (int m = 0; m < MR; ++m) {
+          const float* xr = x + m * K + 32 * b + p * kLanes;
+          const vf xa = load(xr), xb = load(xr + 16);
+          for (int j = 0; j < NB; ++j) {
+            acc[m][j] += xa * wa[j];
+            acc[m][j] += xb * wb[j];
+          }
         }
       }
+    } else {  // one output's block at a time (its scales live only meanwhile), x read from L1 by each FMA
+      for (int j = 0; j < NB; ++j)
+        for (int p = 0; p < kPairs; ++p) {
+          vf wa, wb;
+          w.deq(n0 + j, b, p, wa, wb);
+          for (int m = 0; m < MR; ++m) {
+            const float* xr = x + m * K + 32 * b + p * kLanes;
+            acc[m][j] += load(xr) * wa;
+            acc[m][j] += load(xr + 16) * wb;
+          }
+        }
     }
+  }
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NB; ++j) y[m * N + n0 + j] = hsum(acc[m][j]);
 }
 
-// Outputs per pass for MR rows: MR x NB accumulators + 2 NB weights + 2 x within the
-// registers. 32 registers: 4 outputs up to 4 rows, 3 for 5-6, 2 for 7-8 (at most 26 live);
-// 16 registers: 4 for 1 row, 3 for 2, 2 for 3-4 (at most 14 live, 8 accumulators).
+// Outputs per pass for MR rows. 32 registers: MR x NB accumulators + 2 NB weights + 2 x:
+// 4 outputs up to 4 rows, 3 for 5-6, 2 for 7-8 (at most 26 live). 16 registers: MR x NB
+// accumulators + 2 weights, 2 scales and the nibble mask: 4 outputs for 1-2 rows, 3 for 3,
+// 2 for 4 (at most 9 accumulators, 14 live).
 constexpr int q_nb(int mr) {
-  return kRegs >= 32 ? (mr <= 4 ? 4 : mr <= 6 ? 3 : 2) : (mr == 1 ? 4 : mr == 2 ? 3 : 2);
+  return kRegs >= 32 ? (mr <= 4 ? 4 : mr <= 6 ? 3 : 2) : (mr <= 2 ? 4 : mr == 3 ? 3 : 2);
 }
 
 // A group of kGroup outputs (a multiple of every q_nb) in passes of NB.
