@@ -13,6 +13,12 @@ which plain greedy does not pay. Every call starts from an empty KV cache
 (`reset()`), as specjax's calls do: otherwise `generate` would reuse the cache
 of the previous call's matching prefix and skip most of the prefill.
 
+llama.cpp's AMX path (its "extra buffer type" on CPUs with AMX_INT8) segfaults
+in ggml_backend_amx_mul_mat on the first decode of this model here (Xeon with
+AMX; upstream llama.cpp issue 20824): with extra_buffer_types="auto" the peer
+turns extra buffer types off (llama_model_params.use_extra_bufts) only when
+llama.cpp reports AMX_INT8 = 1, and keeps llama.cpp's default elsewhere.
+
 Timed like specjax's runs: wall seconds from the call to the last new token
 (prefill + decode, warm: the runner's warm-up calls each method once first);
 prefill_s is the time to the first new token. Generation stops at the target's
@@ -22,6 +28,7 @@ per target forward.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Sequence
@@ -59,17 +66,23 @@ class LlamaCppPeer:
   """llama.cpp on CPU through llama-cpp-python, `threads` threads for prefill and decode."""
 
   def __init__(self, model_path: str, eos_ids: Sequence[int], threads: int | None = None, n_ctx: int = 8192,
-               lookup_tokens: int = 10, max_ngram_size: int = 2):
+               lookup_tokens: int = 10, max_ngram_size: int = 2, extra_buffer_types: bool | str = "auto"):
     llama_cpp = require_llamacpp()
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
     threads = default_threads() if threads is None else threads
     if not isinstance(threads, int) or threads < 1:
       raise ValueError(f"threads={threads!r} must be an int >= 1")
+    if extra_buffer_types not in ("auto", True, False):
+      raise ValueError(f"extra_buffer_types={extra_buffer_types!r} must be 'auto', True or False")
     path = check_gguf(model_path)
+    info = _system_info(llama_cpp)
+    if extra_buffer_types == "auto":
+      extra_buffer_types = "AMX_INT8 = 1" not in info
     common = dict(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False)
     draft = LlamaPromptLookupDecoding(max_ngram_size=max_ngram_size, num_pred_tokens=lookup_tokens)
-    self.llms = {"llamacpp-greedy": llama_cpp.Llama(path, **common),
-                 "llamacpp-lookup": llama_cpp.Llama(path, draft_model=draft, **common)}
+    with _use_extra_bufts(llama_cpp, extra_buffer_types):
+      self.llms = {"llamacpp-greedy": llama_cpp.Llama(path, **common),
+                   "llamacpp-lookup": llama_cpp.Llama(path, draft_model=draft, **common)}
     self.eos_ids = {int(e) for e in eos_ids}
     self.n_ctx = n_ctx
     self.methods = METHODS
@@ -78,7 +91,7 @@ class LlamaCppPeer:
       llm.eval = self._counting(llm.eval)  # generate() calls self.eval once per target forward
     self.versions = {"llama_cpp_python": llama_cpp.__version__, "threads": threads, "n_ctx": n_ctx,
                      "lookup_num_pred_tokens": lookup_tokens, "lookup_max_ngram_size": max_ngram_size,
-                     "system_info": _system_info(llama_cpp)}
+                     "extra_buffer_types": extra_buffer_types, "system_info": info}
 
   def _counting(self, eval_fn):
     def counted(tokens):
@@ -111,6 +124,23 @@ class LlamaCppPeer:
     wall = time.perf_counter() - t0
     return {"tokens": tokens, "new_tokens": len(tokens), "wall_s": wall, "prefill_s": prefill,
             "steps": max(self.evals, 1)}
+
+
+@contextlib.contextmanager
+def _use_extra_bufts(llama_cpp, on: bool):
+  """Llama() takes no argument for llama_model_params.use_extra_bufts: set it in the defaults it starts from."""
+  lib = llama_cpp.llama_cpp
+  defaults = lib.llama_model_default_params
+
+  def params():
+    p = defaults()
+    p.use_extra_bufts = on
+    return p
+  lib.llama_model_default_params = params
+  try:
+    yield
+  finally:
+    lib.llama_model_default_params = defaults
 
 
 def _system_info(llama_cpp) -> str:

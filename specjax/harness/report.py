@@ -91,7 +91,9 @@ def markdown(results: dict, command: str | None = None) -> str:
 def _llamacpp_section(v: dict, lc: dict, cats: list[str], greedy: bool) -> list[str]:
   lines = ["", "## specjax vs llama.cpp (same GGUF, same prompt ids, same process)", "",
            f"llama.cpp through llama-cpp-python {lc['llama_cpp_python']}, {lc['threads']} threads, its own "
-           f"quantized arithmetic; llamacpp-lookup = LlamaPromptLookupDecoding(num_pred_tokens="
+           "quantized arithmetic" + ("" if lc.get("extra_buffer_types", True) else ", extra buffer types off "
+                                     "(its AMX path segfaults here, see specjax/harness/llamacpp_peer.py)")
+           + f"; llamacpp-lookup = LlamaPromptLookupDecoding(num_pred_tokens="
            f"{lc['lookup_num_pred_tokens']}, max_ngram_size={lc['lookup_max_ngram_size']}). Each call starts "
            "from an empty KV cache and is timed from the call to its last token (prefill + decode), after a "
            "warm-up call. AR ratio = specjax `none` tok/s / llama.cpp greedy tok/s; best ratio = specjax's "
