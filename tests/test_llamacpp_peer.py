@@ -11,7 +11,8 @@ import pytest
 from specjax.harness import cli, llamacpp_peer, metrics, questions, report, runner
 
 GOOD = [{"question_id": 1, "category": "qa", "turns": ["What is the capital of France? One sentence."]},
-        {"question_id": 2, "category": "summarization", "turns": ["Summarize: the cat sat on the mat. " * 3]}]
+        {"question_id": 2, "category": "summarization", "turns": [
+            "Summarize in one sentence: " + " ".join(f"On day {i} the cat sat on mat number {i}." for i in range(60))]}]
 
 
 def _args(tmp_path, *extra):
@@ -179,8 +180,9 @@ def test_llamacpp_peer_plumbing_with_a_fake_peer():
 def test_real_llamacpp_run(tmp_path):
   """Needs llama-cpp-python (the `llamacpp` extra; CI does not install it): 1 prompt, 16 new tokens."""
   pytest.importorskip("llama_cpp")
+  # The summarization prompt is longer than llama.cpp's n_batch (512), which once broke its lookup.
   args = _args(tmp_path, "--compare-llamacpp", "--drafters", "none", "--max-new-tokens", "16", "--limit", "1",
-               "--categories", "qa")
+               "--categories", "summarization")
   assert cli.run(args) == 0
   res = json.loads((tmp_path / "out" / "results.json").read_text())
   s = res["summary"]
@@ -193,5 +195,6 @@ def test_real_llamacpp_run(tmp_path):
           "greedy_identical_to_ar"} <= set(v)
   runs = [r for r in res["runs"] if r["drafter"].startswith("llamacpp-")]
   assert all(1 <= r["new_tokens"] <= 16 and 0 < r["prefill_s"] <= r["wall_s"] for r in runs)
+  assert runs[0]["prompt_tokens"] > 512
   assert res["settings"]["llamacpp"]["threads"] >= 1
   assert "specjax vs llama.cpp" in (tmp_path / "out" / "report.md").read_text()

@@ -82,7 +82,9 @@ class LlamaCppPeer:
     draft = LlamaPromptLookupDecoding(max_ngram_size=max_ngram_size, num_pred_tokens=lookup_tokens)
     with _use_extra_bufts(llama_cpp, extra_buffer_types):
       self.llms = {"llamacpp-greedy": llama_cpp.Llama(path, **common),
-                   "llamacpp-lookup": llama_cpp.Llama(path, draft_model=draft, **common)}
+                   # logits_all=True as well: with a draft model alone, llama-cpp-python sizes its logits
+                   # buffer for n_batch rows and fails on any prompt longer than n_batch (512) tokens.
+                   "llamacpp-lookup": llama_cpp.Llama(path, draft_model=draft, logits_all=True, **common)}
     self.eos_ids = {int(e) for e in eos_ids}
     self.n_ctx = n_ctx
     self.methods = METHODS

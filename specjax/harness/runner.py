@@ -137,7 +137,7 @@ class _Methods:
       self.compile_s[name] += rec["compile_s"]
       return rec
     r = self.peer_of[name].generate(ids, name, self.max_new_tokens, temperature=self.sampling.temperature,
-                         top_p=self.sampling.top_p, seed=self.seed)
+                                    top_p=self.sampling.top_p, seed=self.seed)
     return {**r, "tokens_per_s": metrics.tokens_per_s(r["new_tokens"], r["wall_s"]),
             "mean_accepted": r["new_tokens"] / r["steps"]}
 
