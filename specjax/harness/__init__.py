@@ -5,4 +5,5 @@
   metrics    speedup, τ, α, predicted τ, identical-to-AR (pure functions)
   report     report.md and the PNG plots
   hf_peer    HF transformers on the same GGUF (optional extra: pip install -e '.[hf]')
+  llamacpp_peer  llama.cpp on the same GGUF (optional extra: pip install -e '.[llamacpp]')
 """

@@ -63,6 +63,14 @@ def add_arguments(p: argparse.ArgumentParser):
                  "timed at warm-up and every few questions (torch's OpenMP pool collapses on a busy machine)")
   p.add_argument("--hf-prompt-lookup", type=int, default=10, help="HF prompt_lookup_num_tokens")
   p.add_argument("--hf-assistant", default=None, help="a draft model (.gguf / HF dir) for HF assisted generation")
+  p.add_argument("--compare-llamacpp", action="store_true",
+                 help="also run llama.cpp (llama-cpp-python: greedy, prompt-lookup drafting) on the same GGUF and "
+                 "prompt ids (optional extra: pip install -e '.[llamacpp]')")
+  p.add_argument("--llamacpp-threads", type=int, default=None,
+                 help="llama.cpp threads (prefill and decode; default: the cores this process may use)")
+  p.add_argument("--llamacpp-lookup", type=int, default=10,
+                 help="draft tokens per step of llama.cpp's prompt lookup (LlamaPromptLookupDecoding "
+                 "num_pred_tokens; default %(default)s)")
   p.add_argument("--no-progress", action="store_true")
 
 
@@ -80,6 +88,10 @@ def _validate(args) -> tuple[list[str], dict, list[str] | None]:
     raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
   if args.limit is not None and args.limit < 1:
     raise ValueError(f"--limit {args.limit} must be >= 1")
+  if getattr(args, "llamacpp_threads", None) is not None and args.llamacpp_threads < 1:
+    raise ValueError(f"--llamacpp-threads {args.llamacpp_threads} must be >= 1")
+  if getattr(args, "llamacpp_lookup", 10) < 1:
+    raise ValueError(f"--llamacpp-lookup {args.llamacpp_lookup} must be >= 1")
   drafters = check_drafter_names(_csv(args.drafters))
   ks = parse_k(args.k, list(available_drafters()) if "all" in drafters else drafters)
   categories = _csv(args.categories) if args.categories else None
@@ -99,7 +111,7 @@ def run(args, model=None) -> int:
   if bad:
     print(f"skipped {len(bad)} malformed line(s) of {args.questions}:", *bad, sep="\n  ", file=sys.stderr)
   questions = select(questions, categories, args.limit)
-  hf = None
+  hf = llamacpp = None
   if args.compare_hf:
     from specjax.harness import hf_peer
     try:
@@ -107,6 +119,15 @@ def run(args, model=None) -> int:
     except ImportError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
+  if args.compare_llamacpp:
+    from specjax.harness import llamacpp_peer
+    try:
+      llamacpp_peer.require_llamacpp()  # likewise before any model work
+    except ImportError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    from specjax.io import default_model_path
+    gguf = llamacpp_peer.check_gguf(args.model or default_model_path())
   if model is None:
     model = sj.load_model(args.model)
   if args.compare_hf:
@@ -117,8 +138,11 @@ def run(args, model=None) -> int:
     threads = args.hf_threads if args.hf_threads == "auto" else int(args.hf_threads)
     hf = hf_peer.HFPeer(path, model.config.eos_ids, threads=threads, prompt_lookup=args.hf_prompt_lookup,
                         assistant_path=args.hf_assistant)
+  if args.compare_llamacpp:
+    llamacpp = llamacpp_peer.LlamaCppPeer(gguf, model.config.eos_ids, threads=args.llamacpp_threads,
+                                          n_ctx=model.config.max_context, lookup_tokens=args.llamacpp_lookup)
   results = run_benchmark(model, questions, drafters, sampling=sampling, ks=ks, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, hf=hf, progress=not args.no_progress)
+                          seed=args.seed, hf=hf, llamacpp=llamacpp, progress=not args.no_progress)
   argv = getattr(args, "argv", None)
   if argv is None:  # called through `python -m specjax bench ...`
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
@@ -138,8 +162,9 @@ def run(args, model=None) -> int:
 
 def _print_summary(results: dict):
   s = results["summary"]
+  from specjax.harness.metrics import COMPARISONS
   for m, entry in s.items():
-    if m == "vs_hf":
+    if m in COMPARISONS:
       continue
     e = entry["overall"]
     sp = f"{e['speedup']:.2f}x" if e["speedup"] is not None else "-"
@@ -148,6 +173,13 @@ def _print_summary(results: dict):
   if "vs_hf" in s and s["vs_hf"]["overall"].get("ratio") is not None:
     v = s["vs_hf"]["overall"]
     print(f"specjax best ({v['specjax_best']}) / HF best ({v['hf_best']}): {v['ratio']:.2f}x")
+  if "vs_llamacpp" in s and s["vs_llamacpp"]["overall"].get("ratio") is not None:
+    v = s["vs_llamacpp"]["overall"]
+    same = v.get("greedy_token_agreement")
+    print(f"specjax AR / llama.cpp greedy: {v['ratio']:.2f}x; specjax best ({v['specjax_best']}) / llama.cpp best "
+          f"({v['llamacpp_best']}): {v['best_ratio']:.2f}x"
+          + (f"; llama.cpp greedy = AR on {v['greedy_identical_to_ar']:.0%} of prompts, token agreement "
+             f"{same:.0%}" if same is not None else ""))
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,9 @@ import time
 from typing import Sequence
 
 INSTALL_HINT = ("--compare-hf needs torch and transformers (+ accelerate for GGUF): install the optional extra "
-                "with  pip install -e '.[hf]'  (from the specjax checkout; torch CPU: pip install torch==2.13.0)")
+                "with  pip install -e '.[hf]'  (from the specjax checkout; it pins torch==2.13.0. Where pip would "
+                "fetch a CUDA build, install the CPU build first: pip install torch==2.13.0 --index-url "
+                "https://download.pytorch.org/whl/cpu)")
 
 METHODS = ("hf-greedy", "hf-prompt-lookup")
 

@@ -23,7 +23,16 @@ import numpy as np
 
 BASELINE = "none"
 HF_BASELINE = "hf-greedy"
+LLAMACPP_BASELINE = "llamacpp-greedy"
 OVERALL = "overall"
+# Other engines' methods, by name prefix, and the method each one's speedup is measured against.
+PEER_BASELINES = {"hf-": HF_BASELINE, "llamacpp-": LLAMACPP_BASELINE}
+COMPARISONS = ("vs_hf", "vs_llamacpp")  # summary keys that are not methods
+
+
+def peer_prefix(method: str) -> str | None:
+  """"hf-" or "llamacpp-" for another engine's method, None for specjax's own."""
+  return next((p for p in PEER_BASELINES if method.startswith(p)), None)
 
 
 def tokens_per_s(new_tokens: int, wall_s: float) -> float:
@@ -111,6 +120,20 @@ def identical_fraction(method_runs: Sequence[dict], baseline_runs: Sequence[dict
   return sum(same) / len(same) if same else None
 
 
+def common_prefix_fraction(method_runs: Sequence[dict], baseline_runs: Sequence[dict]) -> float | None:
+  """Mean over shared prompts of (tokens equal to the baseline's before the first difference) / (the longer
+  of the two): how far another engine's greedy output follows specjax's AR before diverging (1.0 = identical)."""
+  base = {_prompt_key(r): list(r["tokens"]) for r in baseline_runs}
+  fractions = []
+  for r in method_runs:
+    b = base.get(_prompt_key(r))
+    if b is None:
+      continue
+    n = next((i for i, (x, y) in enumerate(zip(r["tokens"], b)) if x != y), min(len(r["tokens"]), len(b)))
+    fractions.append(n / max(len(b), len(r["tokens"]), 1))
+  return float(np.mean(fractions)) if fractions else None
+
+
 def _prompt_key(run: dict):
   return (run["category"], run["question_id"], run["turn"])
 
@@ -138,10 +161,11 @@ def summarize_group(runs: Sequence[dict], baseline_runs: Sequence[dict], ar_runs
 
 
 def summarize(runs: Sequence[dict], greedy: bool = True) -> dict:
-  """summary[method][category | "overall"] for every method in `runs`, plus summary["vs_hf"] when HF ran.
+  """summary[method][category | "overall"] for every method in `runs`, plus summary["vs_hf"] when HF ran
+  and summary["vs_llamacpp"] when llama.cpp ran.
 
-  specjax methods are compared with `none`; HF methods (names starting "hf-")
-  with `hf-greedy` for their speedup and with specjax's `none` for identical_to_ar.
+  specjax methods are compared with `none`; another engine's methods (names starting "hf-" or
+  "llamacpp-") with that engine's greedy for their speedup and with specjax's `none` for identical_to_ar.
   """
   methods = list(dict.fromkeys(r["drafter"] for r in runs))
   categories = list(dict.fromkeys(r["category"] for r in runs))
@@ -149,23 +173,54 @@ def summarize(runs: Sequence[dict], greedy: bool = True) -> dict:
   by.update({(m, OVERALL): [r for r in runs if r["drafter"] == m] for m in methods})
   summary: dict = {}
   for m in methods:
-    base = HF_BASELINE if m.startswith("hf-") else BASELINE
+    prefix = peer_prefix(m)
+    base = PEER_BASELINES[prefix] if prefix else BASELINE
     summary[m] = {}
     for c in categories + [OVERALL]:
       if by[(m, c)]:
         summary[m][c] = summarize_group(by[(m, c)], by.get((base, c), []), by.get((BASELINE, c)), greedy)
   if any(m.startswith("hf-") for m in methods):
-    summary["vs_hf"] = {c: vs_hf({m: s[c] for m, s in summary.items() if c in s}) for c in categories + [OVERALL]}
+    summary["vs_hf"] = {c: vs_hf({m: s[c] for m, s in summary.items() if m not in COMPARISONS and c in s})
+                        for c in categories + [OVERALL]}
+  if LLAMACPP_BASELINE in methods:
+    summary["vs_llamacpp"] = {}
+    for c in categories + [OVERALL]:
+      v = vs_llamacpp({m: s[c] for m, s in summary.items() if m not in COMPARISONS and c in s})
+      if greedy and v["ratio"] is not None:
+        v["greedy_token_agreement"] = common_prefix_fraction(by[(LLAMACPP_BASELINE, c)], by.get((BASELINE, c), []))
+      summary["vs_llamacpp"][c] = v
   return summary
+
+
+def _best(entries: dict, mine) -> tuple[str | None, float]:
+  rates = {m: e["tokens_per_s"] for m, e in entries.items() if mine(m)}
+  if not rates:
+    return None, 0.0
+  best = max(rates, key=rates.get)
+  return best, rates[best]
 
 
 def vs_hf(entries: dict) -> dict:
   """specjax's best tokens/s / HF's best tokens/s among the methods of one group."""
-  ours = {m: e["tokens_per_s"] for m, e in entries.items() if not m.startswith("hf-")}
-  theirs = {m: e["tokens_per_s"] for m, e in entries.items() if m.startswith("hf-")}
-  if not ours or not theirs:
+  best, best_tps = _best(entries, lambda m: peer_prefix(m) is None)
+  hf_best, hf_tps = _best(entries, lambda m: m.startswith("hf-"))
+  if best is None or hf_best is None:
     return {"ratio": None}
-  best, hf_best = max(ours, key=ours.get), max(theirs, key=theirs.get)
-  return {"ratio": ours[best] / theirs[hf_best] if theirs[hf_best] > 0 else None,
-          "specjax_best": best, "specjax_tokens_per_s": ours[best],
-          "hf_best": hf_best, "hf_tokens_per_s": theirs[hf_best]}
+  return {"ratio": best_tps / hf_tps if hf_tps > 0 else None,
+          "specjax_best": best, "specjax_tokens_per_s": best_tps, "hf_best": hf_best, "hf_tokens_per_s": hf_tps}
+
+
+def vs_llamacpp(entries: dict) -> dict:
+  """specjax AR tokens/s / llama.cpp greedy tokens/s ("ratio"), and specjax's best method / llama.cpp's
+  best ("best_ratio"), among the methods of one group; identical_to_ar of llama.cpp's greedy (at T = 0)."""
+  ar, greedy = entries.get(BASELINE), entries.get(LLAMACPP_BASELINE)
+  if ar is None or greedy is None:
+    return {"ratio": None}
+  best, best_tps = _best(entries, lambda m: peer_prefix(m) is None)
+  theirs, theirs_tps = _best(entries, lambda m: m.startswith("llamacpp-"))
+  return {"ratio": ar["tokens_per_s"] / greedy["tokens_per_s"] if greedy["tokens_per_s"] > 0 else None,
+          "ar_tokens_per_s": ar["tokens_per_s"], "llamacpp_greedy_tokens_per_s": greedy["tokens_per_s"],
+          "best_ratio": best_tps / theirs_tps if theirs_tps > 0 else None,
+          "specjax_best": best, "specjax_tokens_per_s": best_tps,
+          "llamacpp_best": theirs, "llamacpp_tokens_per_s": theirs_tps,
+          "greedy_identical_to_ar": greedy["identical_to_ar"]}

@@ -6,6 +6,7 @@ import os
 from specjax.harness import metrics
 
 PLOTS = ("speedup_by_category.png", "acceptance_per_position.png", "accepted_length_hist.png")
+_HATCH = {"hf-": "//", "llamacpp-": "xx"}  # other engines' bars in the tokens/s plot
 
 
 def _fmt(x, spec=".2f", none="–"):
@@ -16,9 +17,10 @@ def _fmt(x, spec=".2f", none="–"):
 
 
 def _methods(results: dict) -> tuple[list[str], list[str]]:
-  summary = results["summary"]
-  names = [m for m in summary if m != "vs_hf"]
-  return [m for m in names if not m.startswith("hf-")], [m for m in names if m.startswith("hf-")]
+  """(specjax's methods, `none` first; other engines' methods)."""
+  names = [m for m in results["summary"] if m not in metrics.COMPARISONS]
+  return ([m for m in names if metrics.peer_prefix(m) is None],
+          [m for m in names if metrics.peer_prefix(m) is not None])
 
 
 def _categories(results: dict) -> list[str]:
@@ -63,7 +65,7 @@ def markdown(results: dict, command: str | None = None) -> str:
     lines.append(f"| {m} | {_fmt(e['tokens_per_s'], '.1f')} | {_fmt(e['speedup'])}× | {_fmt(e['mean_accepted'])} | "
                  f"{_fmt(e['predicted_tau'])} | {_fmt(e['identical_to_ar'], '.0%') if greedy else 'n/a (T>0)'} | "
                  f"{_fmt(comp, '.1f')} |")
-  if theirs:
+  if "vs_hf" in s:
     v = s["vs_hf"]
     lines += ["", "## specjax vs HF transformers (same GGUF, same prompt ids, same process)", "",
               f"HF: torch {st['hf']['torch']}, transformers {st['hf']['transformers']}, {_threads(st['hf'])}, "
@@ -77,11 +79,41 @@ def markdown(results: dict, command: str | None = None) -> str:
       name = f"**{c}**" if c == metrics.OVERALL else c
       lines.append(f"| {name} | {e['specjax_best']} | {e['specjax_tokens_per_s']:.1f} | {e['hf_best']} | "
                    f"{e['hf_tokens_per_s']:.1f} | {e['ratio']:.2f}× |")
+  if "vs_llamacpp" in s:
+    lines += _llamacpp_section(s["vs_llamacpp"], st["llamacpp"], cats, greedy)
   if results.get("skipped"):
     lines += ["", "Skipped:", ""] + [f"- {x}" for x in results["skipped"]]
   lines += ["", f"Harness wall time {results['bench_wall_s'] / 60:.1f} min (warm-up and compilation included).",
             "", "Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS), ""]
   return "\n".join(lines)
+
+
+def _llamacpp_section(v: dict, lc: dict, cats: list[str], greedy: bool) -> list[str]:
+  lines = ["", "## specjax vs llama.cpp (same GGUF, same prompt ids, same process)", "",
+           f"llama.cpp through llama-cpp-python {lc['llama_cpp_python']}, {lc['threads']} threads, its own "
+           "quantized arithmetic" + ("" if lc.get("extra_buffer_types", True) else ", extra buffer types off "
+                                     "(its AMX path segfaults here, see specjax/harness/llamacpp_peer.py)")
+           + f"; llamacpp-lookup = LlamaPromptLookupDecoding(num_pred_tokens="
+           f"{lc['lookup_num_pred_tokens']}, max_ngram_size={lc['lookup_max_ngram_size']}). Each call starts "
+           "from an empty KV cache and is timed from the call to its last token (prefill + decode), after a "
+           "warm-up call. AR ratio = specjax `none` tok/s / llama.cpp greedy tok/s; best ratio = specjax's "
+           "fastest method / llama.cpp's fastest."
+           + (" Greedy = AR: prompts on which llama.cpp's greedy tokens equal specjax's AR tokens; agreement: "
+              "mean share of tokens equal before the first difference." if greedy else ""), ""]
+  if lc.get("system_info"):
+    lines += [f"llama.cpp system info: `{lc['system_info']}`", ""]
+  lines += ["| category | AR tok/s | llama.cpp greedy tok/s | AR ratio | specjax best | tok/s | llama.cpp best | "
+            "tok/s | best ratio | greedy = AR | agreement |", "|---" * 11 + "|"]
+  for c in cats:
+    e = v.get(c, {})
+    if e.get("ratio") is None:
+      continue
+    name = f"**{c}**" if c == metrics.OVERALL else c
+    lines.append(f"| {name} | {e['ar_tokens_per_s']:.1f} | {e['llamacpp_greedy_tokens_per_s']:.1f} | "
+                 f"{e['ratio']:.2f}× | {e['specjax_best']} | {e['specjax_tokens_per_s']:.1f} | {e['llamacpp_best']} | "
+                 f"{e['llamacpp_tokens_per_s']:.1f} | {_fmt(e['best_ratio'], '.2f×')} | "
+                 f"{_fmt(e['greedy_identical_to_ar'], '.0%')} | {_fmt(e.get('greedy_token_agreement'), '.0%')} |")
+  return lines
 
 
 def _threads(hf: dict) -> str:
@@ -120,10 +152,12 @@ def plot_all(results: dict, out_dir: str) -> list[str]:
   w = 0.8 / len(allm)
   for i, m in enumerate(allm):
     vals = [(s[m].get(c) or {}).get("tokens_per_s") or 0.0 for c in cats]
-    ax2.bar(x + (i - (len(allm) - 1) / 2) * w, vals, w, label=m, hatch="//" if m.startswith("hf-") else None)
+    ax2.bar(x + (i - (len(allm) - 1) / 2) * w, vals, w, label=m, hatch=_HATCH.get(metrics.peer_prefix(m)))
   ax2.set_xticks(x, cats, rotation=30, ha="right")
   ax2.set_ylabel("tokens/s (mean over prompts)")
-  ax2.set_title("tokens/s per category, every method" + (" (hatched: HF transformers)" if theirs else ""))
+  engines = [n for p, n in (("hf-", "// HF transformers"), ("llamacpp-", "xx llama.cpp"))
+             if any(m.startswith(p) for m in theirs)]
+  ax2.set_title("tokens/s per category, every method" + (f" (hatched: {', '.join(engines)})" if engines else ""))
   ax2.legend(fontsize=8, ncol=2)
   paths.append(_save(fig, out_dir, PLOTS[0]))
 

@@ -113,10 +113,11 @@ def _spec_record(out, elapsed: float) -> dict:
 class _Methods:
   """Runs one method on one prompt and returns a run record (without the prompt's identity)."""
 
-  def __init__(self, model, drafters: dict, sampling, max_new_tokens: int, seed: int, hf=None):
+  def __init__(self, model, drafters: dict, sampling, max_new_tokens: int, seed: int, peers=()):
     self.model, self.drafters, self.sampling = model, drafters, sampling
-    self.max_new_tokens, self.seed, self.hf = max_new_tokens, seed, hf
-    self.names = list(drafters) + (list(hf.methods) if hf is not None else [])
+    self.max_new_tokens, self.seed = max_new_tokens, seed
+    self.peer_of = {m: p for p in peers for m in p.methods}  # another engine's method -> its peer
+    self.names = list(drafters) + list(self.peer_of)
     self.compile_s = {n: 0.0 for n in self.names}
 
   def run(self, name: str, ids: list[int]) -> dict:
@@ -135,14 +136,14 @@ class _Methods:
         rec = {**timed(), "compile_s": rec["compile_s"]}
       self.compile_s[name] += rec["compile_s"]
       return rec
-    r = self.hf.generate(ids, name, self.max_new_tokens, temperature=self.sampling.temperature,
-                         top_p=self.sampling.top_p, seed=self.seed)
+    r = self.peer_of[name].generate(ids, name, self.max_new_tokens, temperature=self.sampling.temperature,
+                                    top_p=self.sampling.top_p, seed=self.seed)
     return {**r, "tokens_per_s": metrics.tokens_per_s(r["new_tokens"], r["wall_s"]),
             "mean_accepted": r["new_tokens"] / r["steps"]}
 
 
 def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str], *, sampling=None,
-                  ks: dict | None = None, max_new_tokens: int = 128, seed: int = 0, hf=None,
+                  ks: dict | None = None, max_new_tokens: int = 128, seed: int = 0, hf=None, llamacpp=None,
                   progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
   """Runs every method on every turn of every question; returns the results dict (see results.json).
 
@@ -152,6 +153,7 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
     drafters: drafter names; `none` is added first as the baseline.
     ks: drafted tokens per step by drafter name (default: the drafter's own default).
     hf: an `HFPeer` to run beside specjax on the same prompt ids, or None.
+    llamacpp: a `LlamaCppPeer` to run beside specjax on the same prompt ids, or None.
   """
   import specjax as sj
   from tqdm.auto import tqdm
@@ -176,7 +178,7 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
       ks.pop(n)
       log(f"skipping drafter {n}: {e}")
   names = list(built)
-  methods = _Methods(model, built, sampling, max_new_tokens, seed, hf)
+  methods = _Methods(model, built, sampling, max_new_tokens, seed, [p for p in (hf, llamacpp) if p is not None])
   greedy = sampling.temperature == 0.0
   t_start = time.perf_counter()
   machine = machine_info()
@@ -229,6 +231,7 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
                    "model": getattr(model, "name", "model"), "questions": len(questions),
                    "prompts": len(runs) // max(len(methods.names), 1),
                    "hf": hf.versions if hf is not None else None,
+                   "llamacpp": llamacpp.versions if llamacpp is not None else None,
                    "timing": "wall_s = end-to-end generate call, compilation excluded (compile_s per method)"},
       "machine": machine,
       "compile_s": methods.compile_s,
