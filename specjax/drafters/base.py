@@ -7,6 +7,7 @@ pytree of arrays passed to jit as an argument, never baked in as constants):
   init(weights, ctx, sampling, max_len)   -> dstate   (ctx.history = padded prompt [B, P])
   propose(weights, dstate, ctx, keys, sampling) -> (dstate, tokens [B, k], q [B, k, V] | None)
   update(weights, dstate, ctx, n_acc)     -> dstate   (ctx after the commit)
+  skip(weights, dstate, ctx)              -> dstate   (instead of propose when no row drafts)
 
 `ctx` is what the engine knows about each row; nothing in the engine knows
 which drafter it runs, and drafters do not know the loop.
@@ -63,4 +64,10 @@ class Drafter:
     raise NotImplementedError
 
   def update(self, weights, dstate, ctx: Context, n_acc):
+    return dstate
+
+  def skip(self, weights, dstate, ctx: Context):
+    """Instead of `propose` on a step where no row verifies a draft (dynamic speculation): keeps
+    dstate as valid as propose + a rejection of every draft would. The default, unchanged dstate,
+    suits drafters whose propose writes nothing that `update` relies on (n-gram, EAGLE/MTP)."""
     return dstate
