@@ -314,8 +314,9 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
     dynamic: dynamic speculation (`specjax/dynamic.py`): each step, each row verifies the
       number of drafts (0 = a plain step) that maximises its expected tokens per unit cost,
       from its running acceptance and the machine's cost model. True: the measured, cached
-      `cost_model(model, drafter)`; a `CostModel`: that one; False: every step verifies
-      what the drafter proposes (the behaviour before dynamic speculation). Lossless either way.
+      `cost_model(model, drafter)`; a `CostModel`: that one; a `dynamic.Policy`: that policy
+      (its own cost and compiled sizes); False: every step verifies what the drafter proposes
+      (the behaviour before dynamic speculation). Lossless either way.
   """
   sampling = Sampling() if sampling is None else sampling
   if not isinstance(sampling, Sampling):
@@ -335,15 +336,21 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
         and drafter.tokenizer_fingerprint != model.tokenizer.fingerprint()):
       raise ValueError(f"drafter tokenizer {drafter.tokenizer_fingerprint} differs from the target's "
                        f"{model.tokenizer.fingerprint()}; build the drafter for this target")
-  if not (isinstance(dynamic, (bool, CostModel))):
+  if not (isinstance(dynamic, (bool, CostModel, dynamic_lib.Policy))):
     raise ValueError(f"dynamic={dynamic!r} must be True, False or a specjax.CostModel")
   policy, setup_s = None, 0.0
   if drafter is not None and dynamic is not False:
     t0 = time.perf_counter()
-    cm = cost_model(model, drafter) if dynamic is True else dynamic
-    cm.check_k(k)
+    if isinstance(dynamic, dynamic_lib.Policy):
+      policy = dynamic
+      policy.cost.check_k(k)
+      if policy.sizes[0] != 0 or max(policy.sizes) > k or list(policy.sizes) != sorted(set(policy.sizes)):
+        raise ValueError(f"dynamic policy sizes={policy.sizes} must be increasing, start at 0 and end <= k={k}")
+    else:
+      cm = cost_model(model, drafter) if dynamic is True else dynamic
+      cm.check_k(k)
+      policy = dynamic_lib.Policy(CostModel(cm.verify[:k + 1], cm.draft), verify_sizes(k, dynamic=True))
     setup_s = time.perf_counter() - t0
-    policy = dynamic_lib.Policy(CostModel(cm.verify[:k + 1], cm.draft), verify_sizes(k, dynamic=True))
   seeds = [seed] * len(ids) if isinstance(seed, (int, np.integer)) else list(seed)
   if len(seeds) != len(ids) or not all(isinstance(s, (int, np.integer)) for s in seeds):
     raise ValueError(f"seed must be an int or one int per prompt ({len(ids)}), got {seed!r}")
