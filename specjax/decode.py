@@ -44,6 +44,7 @@ class LoopState:
   feature_start: jax.Array  # [B]
   dstate: Any
   est: Any  # dynamic.Estimates with dynamic speculation on, else ()
+  chosen: jax.Array  # [B] drafts each row verifies at the next step (dynamic speculation; else k)
   size_steps: jax.Array  # [k+1] loop steps by the verify size that ran (drafts)
   row_size_steps: jax.Array  # [B, k+1] active steps of each row by the drafts it had verified
   proposes: jax.Array  # [] steps that ran the drafter's propose
@@ -88,13 +89,17 @@ def _prefill(static: _Static, params, dweights, prompt, prompt_len, max_new, see
   # The loop carries the features of the last verify pass ([B, k+1, ...]).
   features = jax.tree.map(lambda x: jnp.zeros((B, k + 1) + x.shape[2:], x.dtype), features)
   kk = max(k, 1)
+  est, chosen = (), jnp.full((B,), k, jnp.int32)
+  if static.policy is not None:
+    est = dynamic_lib.init(B, k)
+    chosen = jnp.where(max_new > 0, static.policy.choose(est), 0)
   return LoopState(
       cache=cache, history=jnp.zeros((B, max_len), jnp.int32).at[:, :P].set(prompt),
       logprobs=jnp.zeros((B, max_len), jnp.float32), length=prompt_len, done=max_new <= 0,
       nan=jnp.zeros((B,), bool), step=jnp.int32(0), steps=jnp.zeros((B,), jnp.int32),
       emitted_per_step=jnp.zeros((B, static.max_steps), jnp.int32), reached=jnp.zeros((B, kk), jnp.int32),
       accepted=jnp.zeros((B, kk), jnp.int32), features=features, feature_start=jnp.zeros((B,), jnp.int32),
-      dstate=dstate, est=dynamic_lib.init(B, k) if static.policy else (),
+      dstate=dstate, est=est, chosen=chosen,
       size_steps=jnp.zeros((k + 1,), jnp.int32), row_size_steps=jnp.zeros((B, k + 1), jnp.int32),
       proposes=jnp.int32(0))
 
@@ -171,7 +176,7 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
   def body(s: LoopState) -> LoopState:
     active = ~s.done
     last = s.history[rows, s.length - 1]
-    chosen = jnp.full((B,), k, jnp.int32)  # drafts each row may verify
+    chosen = s.chosen  # drafts each row may verify
     proposed = jnp.int32(0)
     if drafter:
       ctx = Context(s.history, s.length, s.features, s.feature_start)
@@ -180,13 +185,12 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
         dstate, drafts, q = propose(s.dstate)
         proposed = jnp.int32(1)
       else:
-        chosen = jnp.where(active, policy.choose(s.est), 0)
+        chosen = jnp.where(active, chosen, 0)
         proposed = jnp.any(chosen > 0)
 
-        def skip(d):  # no row verifies a draft: a plain step, the drafter only keeps its state
+        def skip(d):  # no row verifies a draft: a plain step, and the drafter is not asked
           shapes = jax.eval_shape(propose, d)
-          return (drafter.skip(dweights, d, ctx), jnp.full((B, k), -1, jnp.int32),
-                  jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[2]))
+          return d, jnp.full((B, k), -1, jnp.int32), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[2])
 
         dstate, drafts, q = jax.lax.cond(proposed, propose, skip, s.dstate)
         chosen = policy.trim(chosen, drafts, q)
@@ -218,15 +222,23 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
     ii = jnp.arange(kk)[None, :]
     reached = s.reached + (counted[:, None] & (ii < jnp.minimum(chosen, k)[:, None]) & (ii <= n_acc[:, None]))
     verified = jnp.sum(jnp.cumprod(drafts >= 0, axis=1), axis=1)  # [B] drafts each row had checked
-    est = policy.observe(s.est, verified, n_acc, counted) if policy is not None else s.est
+    est, next_chosen = s.est, chosen
+    if policy is not None:
+      est = policy.observe(s.est, verified, n_acc, counted)
+      next_chosen = jnp.where(done, 0, policy.choose(est))
     size = jnp.asarray(sizes, jnp.int32)[size_idx]
     accepted = s.accepted + (counted[:, None] & (ii < n_acc[:, None]))
     if drafter:
-      dstate = drafter.update(dweights, dstate, Context(history, s.length + n_emit, feats, s.length - 1), n_acc)
+      update = lambda d: drafter.update(dweights, d, Context(history, s.length + n_emit, feats, s.length - 1), n_acc)
+      if policy is None:
+        dstate = update(dstate)
+      else:  # the drafter catches up only before a step that proposes (see Drafter.update)
+        dstate = jax.lax.cond(jnp.any(next_chosen > 0), update, lambda d: d, dstate)
     return LoopState(
         cache=cache, history=history, logprobs=logprobs, length=s.length + n_emit, done=done, nan=s.nan | nan,
         step=s.step + 1, steps=s.steps + counted, emitted_per_step=s.emitted_per_step.at[:, s.step].set(n_emit),
         reached=reached, accepted=accepted, features=feats, feature_start=s.length - 1, dstate=dstate, est=est,
+        chosen=next_chosen,
         size_steps=s.size_steps.at[size].add(1),
         row_size_steps=s.row_size_steps.at[rows, verified].add(counted.astype(jnp.int32)),
         proposes=s.proposes + proposed)

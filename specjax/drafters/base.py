@@ -7,7 +7,11 @@ pytree of arrays passed to jit as an argument, never baked in as constants):
   init(weights, ctx, sampling, max_len)   -> dstate   (ctx.history = padded prompt [B, P])
   propose(weights, dstate, ctx, keys, sampling) -> (dstate, tokens [B, k], q [B, k, V] | None)
   update(weights, dstate, ctx, n_acc)     -> dstate   (ctx after the commit)
-  skip(weights, dstate, ctx)              -> dstate   (instead of propose when no row drafts)
+
+With dynamic speculation the engine calls propose only on steps where some row verifies
+drafts, and update only after a step that is followed by such a step: a drafter must
+accept being skipped for a while (its state then misses those positions, e.g. holes in
+a draft cache, which may lower its acceptance when it resumes but never its correctness).
 
 `ctx` is what the engine knows about each row; nothing in the engine knows
 which drafter it runs, and drafters do not know the loop.
@@ -64,10 +68,4 @@ class Drafter:
     raise NotImplementedError
 
   def update(self, weights, dstate, ctx: Context, n_acc):
-    return dstate
-
-  def skip(self, weights, dstate, ctx: Context):
-    """Instead of `propose` on a step where no row verifies a draft (dynamic speculation): keeps
-    dstate as valid as propose + a rejection of every draft would. The default, unchanged dstate,
-    suits drafters whose propose writes nothing that `update` relies on (n-gram, EAGLE/MTP)."""
     return dstate

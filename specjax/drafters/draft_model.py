@@ -86,14 +86,6 @@ class DraftModel(Drafter):
     q = jnp.stack(qs, axis=1) if qs else None
     return DraftState(cache, drafts, ctx.length), drafts, q
 
-  def skip(self, weights, dstate: DraftState, ctx: Context):
-    """No drafts this step: still feed the last token, which the cache invariant needs."""
-    module = nnx.merge(self.graphdef, weights)
-    rows = jnp.arange(ctx.length.shape[0])
-    cache = dstate.cache.replace(lengths=ctx.length - 1)
-    _, cache = self._step(module, cache, ctx.history[rows, ctx.length - 1][:, None], cache.lengths[:, None])
-    return dstate.replace(cache=cache, base=ctx.length)
-
   def update(self, weights, dstate: DraftState, ctx: Context, n_acc):
     module = nnx.merge(self.graphdef, weights)
 
