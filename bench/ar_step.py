@@ -1,4 +1,5 @@
-"""Batch-1 decode step vs the memory-bandwidth floor, and the verify cost curve forward(T).
+"""Batch-1 decode step vs the memory-bandwidth floor, the verify cost curve forward(T), and the
+cost model dynamic speculation uses (`sj.cost_model`, measured once per machine and cached).
 
     python bench/ar_step.py [--context 512] [--json]
 
@@ -8,23 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import specjax as sj
-
-
-def best_ms(fn, repeats: int) -> float:
-  fn()  # warm-up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return 1e3 * min(times)
+from specjax.cost_model import best_ms, cache_path, forward_ms  # the one timing of a forward
 
 
 def read_bandwidth_gbs(nbytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -47,29 +37,6 @@ def step_bytes(model: sj.Model, context: int) -> tuple[int, int]:
   return weights, kv
 
 
-def forward_ms(model: sj.Model, context: int, T: int, repeats: int, n: int = 16) -> float:
-  """One target forward of T new tokens after `context` cached tokens (batch 1), timed as
-  in the decode loop: n forwards in one jitted loop that carries the cache (a bare jitted
-  call would also time a copy of the cache, which the generate loop never makes)."""
-  max_len = -(-(context + T + 1) // 128) * 128
-  cache = model.new_cache(1, max_len).replace(lengths=jnp.array([context], jnp.int32))
-  tokens = jnp.ones((1, T), jnp.int32)
-  pos = context + jnp.arange(T, dtype=jnp.int32)[None]
-
-  @jax.jit
-  def run(params, cache):
-    module = model.module(params)
-
-    def body(_, carry):
-      cache, acc = carry
-      logits, cache, _ = module(tokens, pos, cache)
-      return cache, acc + logits[0, -1, 0]  # each forward feeds the result
-
-    return jax.lax.fori_loop(0, n, body, (cache, jnp.float32(0)))[1]
-
-  return best_ms(lambda: jax.block_until_ready(run(model.params, cache)), repeats) / n
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--context", type=int, default=512)
@@ -87,10 +54,12 @@ def main(argv=None):
   bw = read_bandwidth_gbs()
   floor_ms = (weights + kv) / 1e9 / bw * 1e3
   fwd = {T: forward_ms(model, args.context, T, args.repeats) for T in (1, 2, 4, 6, 8, 16)}
+  cost = sj.cost_model(model)
   out = {
       "context": args.context, "step_ms": step_ms, "weight_bytes": weights, "kv_bytes": kv,
       "read_bandwidth_gbs": bw, "floor_ms": floor_ms, "ratio": step_ms / floor_ms,
-      "forward_ms_by_T": fwd, "forward_T8_over_T1": fwd[8] / fwd[1],
+      "forward_ms_by_T": fwd, "forward_T8_over_T1": fwd[8] / fwd[1], "forward_T6_over_T1": fwd[6] / fwd[1],
+      "cost_model": {"verify": list(cost.verify), "cache": cache_path(model)},
       "device": str(jax.devices()[0]), "jax": jax.__version__,
   }
   if args.json:
@@ -101,6 +70,8 @@ def main(argv=None):
     print(f"floor {floor_ms:.2f} ms -> step/floor = {out['ratio']:.2f}")
     print("forward(T) ms: " + ", ".join(f"T={T}: {ms:.2f}" for T, ms in fwd.items()))
     print(f"forward(T=8) / forward(T=1) = {out['forward_T8_over_T1']:.2f}")
+    print("cost model c(T) = forward(T)/forward(1) for T = 1..: "
+          + ", ".join(f"{c:.2f}" for c in cost.verify) + f"  ({cache_path(model)})")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """specjax: lossless speculative decoding in JAX."""
 from specjax import drafters as drafters
+from specjax.cost_model import CostModel as CostModel
+from specjax.cost_model import cost_model as cost_model
 from specjax.decode import GenerateOutput as GenerateOutput
 from specjax.decode import generate as generate
 from specjax.drafters import make_drafter as make_drafter

@@ -40,7 +40,7 @@ def cmd_generate(args) -> int:
   model = sj.load_model(args.model)
   drafter = _drafter(args, model)
   out = sj.generate(model, [args.prompt], drafter=drafter, sampling=sampling, max_new_tokens=args.max_new_tokens,
-                    seed=args.seed, chat=args.chat)
+                    seed=args.seed, chat=args.chat, dynamic=args.dynamic)
   st = out.stats
   if args.json:
     print(json.dumps({
@@ -48,11 +48,14 @@ def cmd_generate(args) -> int:
         "prefill_s": st["prefill_s"], "compile_s": st["compile_s"], "tokens_per_s": st["tokens_per_s"],
         "drafter": args.drafter, "k": st["k"], "mean_accepted": st["mean_accepted"],
         "acceptance_per_position": st["acceptance_per_position"],
-        "accepted_per_step": st["rows"][0]["accepted_per_step"], "logprobs": out.logprobs[0].tolist()}))
+        "accepted_per_step": st["rows"][0]["accepted_per_step"], "dynamic": st["dynamic"],
+        "steps_by_drafts": st["steps_by_drafts"], "cost_model": st["cost_model"],
+        "logprobs": out.logprobs[0].tolist()}))
   else:
     print(out.texts[0])
     print(f"\n[{st['new_tokens']} tokens in {st['wall_s']:.2f} s = {st['tokens_per_s']:.1f} tokens/s; "
-          f"drafter {args.drafter}, mean accepted {st['mean_accepted']:.2f}; compile {st['compile_s']:.1f} s]",
+          f"drafter {args.drafter}, mean accepted {st['mean_accepted']:.2f}; steps by drafts verified "
+          f"{st['steps_by_drafts']}; compile {st['compile_s']:.1f} s]",
           file=sys.stderr)
   return 0
 
@@ -115,6 +118,9 @@ def main(argv=None) -> int:
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
   g.add_argument("--max-new-tokens", type=int, default=128)
   g.add_argument("--json", action="store_true")
+  g.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
+                 help="dynamic speculation: each step verifies as many drafts as pay on this machine, 0 included "
+                      "(default on; --no-dynamic verifies every proposal)")
   _add_sampling(g)
   _add_model(g)
   g.set_defaults(fn=cmd_generate)

@@ -18,6 +18,8 @@ import numpy as np
 from flax import nnx, struct
 
 from specjax import cache as cache_lib
+from specjax import dynamic as dynamic_lib
+from specjax.cost_model import CostModel, cost_model
 from specjax.drafters.base import Context, Drafter
 from specjax import kernels
 from specjax.kernels import cache_write
@@ -42,6 +44,11 @@ class LoopState:
   features: Any
   feature_start: jax.Array  # [B]
   dstate: Any
+  est: Any  # dynamic.Estimates with dynamic speculation on, else ()
+  chosen: jax.Array  # [B] drafts each row verifies at the next step (dynamic speculation; else k)
+  size_steps: jax.Array  # [k+1] loop steps by the verify size that ran (drafts)
+  row_size_steps: jax.Array  # [B, k+1] active steps of each row by the drafts it had verified
+  proposes: jax.Array  # [] steps that ran the drafter's propose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,7 @@ class _Static:
   eos_ids: tuple[int, ...]
   max_steps: int
   check_nan: bool
+  policy: dynamic_lib.Policy | None = None  # None: every step verifies what the drafter proposes
 
 
 def _round_up(n: int, m: int) -> int:
@@ -82,22 +90,31 @@ def _prefill(static: _Static, params, dweights, prompt, prompt_len, max_new, see
   # The loop carries the features of the last verify pass ([B, k+1, ...]).
   features = jax.tree.map(lambda x: jnp.zeros((B, k + 1) + x.shape[2:], x.dtype), features)
   kk = max(k, 1)
+  est, chosen = (), jnp.full((B,), k, jnp.int32)
+  if static.policy is not None:
+    est = dynamic_lib.init(B, k)
+    chosen = jnp.where(max_new > 0, static.policy.choose(est), 0)
   return LoopState(
       cache=cache, history=jnp.zeros((B, max_len), jnp.int32).at[:, :P].set(prompt),
       logprobs=jnp.zeros((B, max_len), jnp.float32), length=prompt_len, done=max_new <= 0,
       nan=jnp.zeros((B,), bool), step=jnp.int32(0), steps=jnp.zeros((B,), jnp.int32),
       emitted_per_step=jnp.zeros((B, static.max_steps), jnp.int32), reached=jnp.zeros((B, kk), jnp.int32),
       accepted=jnp.zeros((B, kk), jnp.int32), features=features, feature_start=jnp.zeros((B,), jnp.int32),
-      dstate=dstate)
+      dstate=dstate, est=est, chosen=chosen,
+      size_steps=jnp.zeros((k + 1,), jnp.int32), row_size_steps=jnp.zeros((B, k + 1), jnp.int32),
+      proposes=jnp.int32(0))
 
 
-def verify_sizes(k: int) -> tuple[int, ...]:
+def verify_sizes(k: int, dynamic: bool = False) -> tuple[int, ...]:
   """Draft counts the verify pass is compiled for when drafts may be padded.
 
   A drafter that may propose fewer than k tokens (n-gram without a match)
   gets the smallest verify that covers every row's proposal, so a step with
-  nothing to check costs one AR forward instead of a (k+1)-token one.
+  nothing to check costs one AR forward instead of a (k+1)-token one. With
+  dynamic speculation every size 0..k is compiled (the policy picks any).
   """
+  if dynamic:
+    return tuple(range(k + 1))
   return tuple(sorted({0, min(1, k), min(3, k), k}))
 
 
@@ -114,11 +131,12 @@ def _judge(logits, drafts, q, sampling, keys, check_nan, k):
 
 def _verify(module, tokens, pos, cache, feature_layers, sizes, drafts, q, sampling, keys, check_nan):
   """Target forward over [last, drafts] and the accept rule, at the smallest compiled size
-  covering the proposals: -> (n_acc, out, logp, nan) as `_judge` gives them, cache, features."""
+  covering the proposals: -> (n_acc, out, logp, nan) as `_judge` gives them, cache, features,
+  and the index in `sizes` of the size that ran."""
   k = tokens.shape[1] - 1
   if len(sizes) == 1:
     logits, cache, feats = module(tokens, pos, cache, feature_layers=feature_layers)
-    return _judge(logits, drafts, q, sampling, keys, check_nan, k), cache, feats
+    return _judge(logits, drafts, q, sampling, keys, check_nan, k), cache, feats, jnp.int32(0)
 
   # The branches only read the cache and return the new K/V, written once after the
   # switch: a cache written inside lax.switch is copied in and out of every branch.
@@ -137,7 +155,7 @@ def _verify(module, tokens, pos, cache, feature_layers, sizes, drafts, q, sampli
   new_k, new_v = feats.pop("new_kv")
   cache = cache.replace(k=tuple(cache_write(c, n, cache.lengths) for c, n in zip(cache.k, new_k)),
                         v=tuple(cache_write(c, n, cache.lengths) for c, n in zip(cache.v, new_v)))
-  return judged, cache, feats
+  return judged, cache, feats, idx
 
 
 def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_new, seeds) -> LoopState:
@@ -146,7 +164,11 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
   drafter = static.drafter
   k = drafter.k if drafter else 0
   feature_layers = drafter.feature_layers if drafter else ()
-  sizes = verify_sizes(k) if drafter is not None and drafter.may_pad else (k,)
+  policy = static.policy
+  if policy is not None:
+    sizes = policy.sizes
+  else:
+    sizes = verify_sizes(k) if drafter is not None and drafter.may_pad else (k,)
   B, max_len = state.history.shape
   kk = max(k, 1)
   eos = jnp.asarray(static.eos_ids or (-2,), jnp.int32)
@@ -155,15 +177,32 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
   def body(s: LoopState) -> LoopState:
     active = ~s.done
     last = s.history[rows, s.length - 1]
+    chosen = s.chosen  # drafts each row may verify
+    proposed = jnp.int32(0)
     if drafter:
       ctx = Context(s.history, s.length, s.features, s.feature_start)
-      dstate, drafts, q = drafter.propose(dweights, s.dstate, ctx, _row_keys(seeds, s.step, 1), static.sampling)
+      propose = lambda d: drafter.propose(dweights, d, ctx, _row_keys(seeds, s.step, 1), static.sampling)
+      if policy is None:
+        dstate, drafts, q = propose(s.dstate)
+        proposed = jnp.int32(1)
+      else:
+        chosen = jnp.where(active, chosen, 0)
+        proposed = jnp.any(chosen > 0)
+
+        def skip(d):  # no row verifies a draft: a plain step, and the drafter is not asked
+          shapes = jax.eval_shape(propose, d)
+          return d, jnp.full((B, k), -1, jnp.int32), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[2])
+
+        dstate, drafts, q = jax.lax.cond(proposed, propose, skip, s.dstate)
+        chosen = policy.trim(chosen, drafts, q)
+        drafts = jnp.where(jnp.arange(k)[None, :] < chosen[:, None], drafts, -1)
+        proposed = proposed.astype(jnp.int32)
       drafts = jnp.where(active[:, None], drafts, -1)  # finished rows ask for no verify work
     else:
       dstate, drafts, q = s.dstate, jnp.zeros((B, 0), jnp.int32), None
     tokens = jnp.concatenate([last[:, None], drafts], axis=1)
     pos = s.cache.lengths[:, None] + jnp.arange(k + 1)[None, :]
-    (n_acc, out, logp, nan), cache, feats = _verify(module, tokens, pos, s.cache, feature_layers, sizes, drafts, q,
+    (n_acc, out, logp, nan), cache, feats, size_idx = _verify(module, tokens, pos, s.cache, feature_layers, sizes, drafts, q,
                                                      static.sampling, _row_keys(seeds, s.step, 2),
                                                      static.check_nan)
     # Truncate at EOS and at max_new_tokens, both possibly inside the accepted block.
@@ -182,14 +221,28 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
     cache = cache_lib.advance(cache.replace(lengths=s.cache.lengths), n_emit)
     counted = active & ~nan
     ii = jnp.arange(kk)[None, :]
-    reached = s.reached + (counted[:, None] & (ii < k) & (ii <= n_acc[:, None]))
+    reached = s.reached + (counted[:, None] & (ii < jnp.minimum(chosen, k)[:, None]) & (ii <= n_acc[:, None]))
+    verified = jnp.sum(jnp.cumprod(drafts >= 0, axis=1), axis=1)  # [B] drafts each row had checked
+    est, next_chosen = s.est, chosen
+    if policy is not None:
+      est = policy.observe(s.est, verified, n_acc, counted)
+      next_chosen = jnp.where(done, 0, policy.choose(est))
+    size = jnp.asarray(sizes, jnp.int32)[size_idx]
     accepted = s.accepted + (counted[:, None] & (ii < n_acc[:, None]))
     if drafter:
-      dstate = drafter.update(dweights, dstate, Context(history, s.length + n_emit, feats, s.length - 1), n_acc)
+      update = lambda d: drafter.update(dweights, d, Context(history, s.length + n_emit, feats, s.length - 1), n_acc)
+      if policy is None:
+        dstate = update(dstate)
+      else:  # the drafter catches up only before a step that proposes (see Drafter.update)
+        dstate = jax.lax.cond(jnp.any(next_chosen > 0), update, lambda d: d, dstate)
     return LoopState(
         cache=cache, history=history, logprobs=logprobs, length=s.length + n_emit, done=done, nan=s.nan | nan,
         step=s.step + 1, steps=s.steps + counted, emitted_per_step=s.emitted_per_step.at[:, s.step].set(n_emit),
-        reached=reached, accepted=accepted, features=feats, feature_start=s.length - 1, dstate=dstate)
+        reached=reached, accepted=accepted, features=feats, feature_start=s.length - 1, dstate=dstate, est=est,
+        chosen=next_chosen,
+        size_steps=s.size_steps.at[size].add(1),
+        row_size_steps=s.row_size_steps.at[rows, verified].add(counted.astype(jnp.int32)),
+        proposes=s.proposes + proposed)
 
   cond = lambda s: (s.step < static.max_steps) & ~jnp.all(s.done)
   return jax.lax.while_loop(cond, body, state)
@@ -255,7 +308,7 @@ def _prepare_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
 def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sampling | None = None,
              max_new_tokens: int = 128, seed: int | Sequence[int] = 0, *, chat: bool = False,
              cache_len: int | None = None, check_nan: bool = True,
-             stop_ids: Sequence[int] | None = None) -> GenerateOutput:
+             stop_ids: Sequence[int] | None = None, dynamic: bool | CostModel = True) -> GenerateOutput:
   """Generates up to max_new_tokens per prompt, speculatively when a drafter is given.
 
   Args:
@@ -271,6 +324,12 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
     check_nan: stop and raise ValueError if the target ever produces NaN logits.
     stop_ids: token ids that end a row (default: the model's EOS ids); the stop
       token is emitted, nothing after it.
+    dynamic: dynamic speculation (`specjax/dynamic.py`): each step, each row verifies the
+      number of drafts (0 = a plain step) that maximises its expected tokens per unit cost,
+      from its running acceptance and the machine's cost model. True: the measured, cached
+      `cost_model(model, drafter)`; a `CostModel`: that one; a `dynamic.Policy`: that policy
+      (its own cost and compiled sizes); False: every step verifies what the drafter proposes
+      (the behaviour before dynamic speculation). Lossless either way.
   """
   kernels.selected_isa()  # a bad SPECJAX_CPU_ISA fails here, before anything compiles
   sampling = Sampling() if sampling is None else sampling
@@ -291,6 +350,21 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
         and drafter.tokenizer_fingerprint != model.tokenizer.fingerprint()):
       raise ValueError(f"drafter tokenizer {drafter.tokenizer_fingerprint} differs from the target's "
                        f"{model.tokenizer.fingerprint()}; build the drafter for this target")
+  if not (isinstance(dynamic, (bool, CostModel, dynamic_lib.Policy))):
+    raise ValueError(f"dynamic={dynamic!r} must be True, False or a specjax.CostModel")
+  policy, setup_s = None, 0.0
+  if drafter is not None and dynamic is not False:
+    t0 = time.perf_counter()
+    if isinstance(dynamic, dynamic_lib.Policy):
+      policy = dynamic
+      policy.cost.check_k(k)
+      if policy.sizes[0] != 0 or max(policy.sizes) > k or list(policy.sizes) != sorted(set(policy.sizes)):
+        raise ValueError(f"dynamic policy sizes={policy.sizes} must be increasing, start at 0 and end <= k={k}")
+    else:
+      cm = cost_model(model, drafter) if dynamic is True else dynamic
+      cm.check_k(k)
+      policy = dynamic_lib.Policy(CostModel(cm.verify[:k + 1], cm.draft), verify_sizes(k, dynamic=True))
+    setup_s = time.perf_counter() - t0
   seeds = [seed] * len(ids) if isinstance(seed, (int, np.integer)) else list(seed)
   if len(seeds) != len(ids) or not all(isinstance(s, (int, np.integer)) for s in seeds):
     raise ValueError(f"seed must be an int or one int per prompt ({len(ids)}), got {seed!r}")
@@ -318,7 +392,7 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
   seeds_arr[:B] = np.asarray(seeds, np.int64) % (1 << 32)
   max_steps = _round_up(max_new_tokens, 32)
   stop = tuple(model.config.eos_ids) if stop_ids is None else tuple(int(t) for t in stop_ids)
-  static = _Static(model.graphdef, sampling, drafter, stop, max_steps, check_nan)
+  static = _Static(model.graphdef, sampling, drafter, stop, max_steps, check_nan, policy)
   dweights = drafter.weights if drafter is not None else ()
   args = (model.params, dweights, jnp.asarray(prompt), jnp.asarray(plen), jnp.asarray(budget), jnp.asarray(seeds_arr))
   (prefill, loop), compile_s = _compiled(static, args, max_len)
@@ -327,13 +401,19 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
   t1 = time.perf_counter()
   state = jax.block_until_ready(loop(args[0], args[1], state, *args[3:]))
   t2 = time.perf_counter()
-  return _collect(model, state, ids, k, {"wall_s": t2 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1}, compile_s)
+  times = {"wall_s": t2 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1, "cost_model_s": setup_s}
+  return _collect(model, state, ids, k, times, compile_s, policy)
 
 
-def _collect(model, state: LoopState, ids, k, times, compile_s) -> GenerateOutput:
-  history, logprobs, length, steps, per_step, reached, accepted, nan = jax.device_get(
-      (state.history, state.logprobs, state.length, state.steps, state.emitted_per_step, state.reached,
-       state.accepted, state.nan))
+def _by_drafts(counts) -> dict[int, int]:
+  return {n: int(c) for n, c in enumerate(counts) if c}
+
+
+def _collect(model, state: LoopState, ids, k, times, compile_s, policy) -> GenerateOutput:
+  history, logprobs, length, steps, per_step, reached, accepted, nan, size_steps, row_size_steps, proposes = (
+      jax.device_get((state.history, state.logprobs, state.length, state.steps, state.emitted_per_step,
+                      state.reached, state.accepted, state.nan, state.size_steps, state.row_size_steps,
+                      state.proposes)))
   if nan[:len(ids)].any():
     rows = np.nonzero(nan[:len(ids)])[0].tolist()
     raise ValueError(f"the target produced NaN logits for rows {rows}; check the model weights and inputs "
@@ -350,7 +430,8 @@ def _collect(model, state: LoopState, ids, k, times, compile_s) -> GenerateOutpu
                  "accepted_per_step": per_step[i, :n_steps].tolist(),
                  "acceptance_per_position": acc_pos,
                  "reached_per_position": reached[i, :k].tolist() if k else [],
-                 "accepted_per_position": accepted[i, :k].tolist() if k else []})
+                 "accepted_per_position": accepted[i, :k].tolist() if k else [],
+                 "steps_by_drafts": _by_drafts(row_size_steps[i])})
   total_new = sum(r["new_tokens"] for r in rows)
   total_steps = sum(r["steps"] for r in rows)
   reach = np.sum([r["reached_per_position"] for r in rows], axis=0) if k else np.zeros(0)
@@ -360,6 +441,9 @@ def _collect(model, state: LoopState, ids, k, times, compile_s) -> GenerateOutpu
            "tokens_per_s": total_new / wall if wall > 0 else 0.0,
            "decode_step_ms": 1e3 * times["decode_s"] / max(int(state.step), 1),
            "mean_accepted": total_new / total_steps if total_steps else 0.0,
-           "acceptance_per_position": (acc / np.maximum(reach, 1)).tolist(), "k": k}
+           "acceptance_per_position": (acc / np.maximum(reach, 1)).tolist(), "k": k,
+           "steps_by_drafts": _by_drafts(size_steps), "propose_steps": int(proposes),
+           "dynamic": policy is not None,
+           "cost_model": None if policy is None else {"verify": list(policy.cost.verify), "draft": policy.cost.draft}}
   texts = [model.tokenizer.decode(t) for t in tokens] if model.tokenizer is not None else None
   return GenerateOutput(tokens, texts, lps, stats)

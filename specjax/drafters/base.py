@@ -8,6 +8,11 @@ pytree of arrays passed to jit as an argument, never baked in as constants):
   propose(weights, dstate, ctx, keys, sampling) -> (dstate, tokens [B, k], q [B, k, V] | None)
   update(weights, dstate, ctx, n_acc)     -> dstate   (ctx after the commit)
 
+With dynamic speculation the engine calls propose only on steps where some row verifies
+drafts, and update only after a step that is followed by such a step: a drafter must
+accept being skipped for a while (its state then misses those positions, e.g. holes in
+a draft cache, which may lower its acceptance when it resumes but never its correctness).
+
 `ctx` is what the engine knows about each row; nothing in the engine knows
 which drafter it runs, and drafters do not know the loop.
 """

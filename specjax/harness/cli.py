@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser):
                  "timed at warm-up and every few questions (torch's OpenMP pool collapses on a busy machine)")
   p.add_argument("--hf-prompt-lookup", type=int, default=10, help="HF prompt_lookup_num_tokens")
   p.add_argument("--hf-assistant", default=None, help="a draft model (.gguf / HF dir) for HF assisted generation")
+  p.add_argument("--no-dynamic", action="store_true",
+                 help="turn dynamic speculation off: every step verifies what the drafter proposes")
   p.add_argument("--compare-llamacpp", action="store_true",
                  help="also run llama.cpp (llama-cpp-python: greedy, prompt-lookup drafting) on the same GGUF and "
                  "prompt ids (optional extra: pip install -e '.[llamacpp]')")
@@ -142,7 +144,8 @@ def run(args, model=None) -> int:
     llamacpp = llamacpp_peer.LlamaCppPeer(gguf, model.config.eos_ids, threads=args.llamacpp_threads,
                                           n_ctx=model.config.max_context, lookup_tokens=args.llamacpp_lookup)
   results = run_benchmark(model, questions, drafters, sampling=sampling, ks=ks, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, hf=hf, llamacpp=llamacpp, progress=not args.no_progress)
+                          seed=args.seed, hf=hf, llamacpp=llamacpp, progress=not args.no_progress,
+                          dynamic=not args.no_dynamic)
   argv = getattr(args, "argv", None)
   if argv is None:  # called through `python -m specjax bench ...`
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]

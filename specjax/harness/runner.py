@@ -107,14 +107,15 @@ def _spec_record(out, elapsed: float) -> dict:
           "steps": row["steps"], "mean_accepted": row["mean_accepted"],
           "accepted_per_step": list(row["accepted_per_step"]),
           "reached_per_position": list(row["reached_per_position"]),
-          "accepted_per_position": list(row["accepted_per_position"]), "tokens": list(out.tokens[0])}
+          "accepted_per_position": list(row["accepted_per_position"]), "tokens": list(out.tokens[0]),
+          "steps_by_drafts": dict(row["steps_by_drafts"]), "propose_steps": st["propose_steps"]}
 
 
 class _Methods:
   """Runs one method on one prompt and returns a run record (without the prompt's identity)."""
 
-  def __init__(self, model, drafters: dict, sampling, max_new_tokens: int, seed: int, peers=()):
-    self.model, self.drafters, self.sampling = model, drafters, sampling
+  def __init__(self, model, drafters: dict, sampling, max_new_tokens: int, seed: int, peers=(), dynamic=True):
+    self.model, self.drafters, self.sampling, self.dynamic = model, drafters, sampling, dynamic
     self.max_new_tokens, self.seed = max_new_tokens, seed
     self.peer_of = {m: p for p in peers for m in p.methods}  # another engine's method -> its peer
     self.names = list(drafters) + list(self.peer_of)
@@ -126,7 +127,7 @@ class _Methods:
       def timed():
         t0 = time.perf_counter()
         out = sj.generate(self.model, [ids], drafter=self.drafters[name], sampling=self.sampling,
-                          max_new_tokens=self.max_new_tokens, seed=self.seed)
+                          max_new_tokens=self.max_new_tokens, seed=self.seed, dynamic=self.dynamic)
         return _spec_record(out, time.perf_counter() - t0)
       rec = timed()
       if rec["compile_s"] > 0:
@@ -144,7 +145,7 @@ class _Methods:
 
 def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str], *, sampling=None,
                   ks: dict | None = None, max_new_tokens: int = 128, seed: int = 0, hf=None, llamacpp=None,
-                  progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+                  progress: bool = True, log: Callable[[str], None] | None = None, dynamic=True) -> dict:
   """Runs every method on every turn of every question; returns the results dict (see results.json).
 
   Args:
@@ -154,6 +155,8 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
     ks: drafted tokens per step by drafter name (default: the drafter's own default).
     hf: an `HFPeer` to run beside specjax on the same prompt ids, or None.
     llamacpp: a `LlamaCppPeer` to run beside specjax on the same prompt ids, or None.
+    dynamic: `generate`'s dynamic speculation (True, False or a CostModel); results record
+      `steps_by_drafts` per run and summed per method.
   """
   import specjax as sj
   from tqdm.auto import tqdm
@@ -178,7 +181,8 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
       ks.pop(n)
       log(f"skipping drafter {n}: {e}")
   names = list(built)
-  methods = _Methods(model, built, sampling, max_new_tokens, seed, [p for p in (hf, llamacpp) if p is not None])
+  methods = _Methods(model, built, sampling, max_new_tokens, seed, [p for p in (hf, llamacpp) if p is not None],
+                     dynamic)
   greedy = sampling.temperature == 0.0
   t_start = time.perf_counter()
   machine = machine_info()
@@ -232,6 +236,7 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
                    "prompts": len(runs) // max(len(methods.names), 1),
                    "hf": hf.versions if hf is not None else None,
                    "llamacpp": llamacpp.versions if llamacpp is not None else None,
+                   "dynamic": dynamic if isinstance(dynamic, bool) else repr(dynamic),
                    "timing": "wall_s = end-to-end generate call, compilation excluded (compile_s per method)"},
       "machine": machine,
       "compile_s": methods.compile_s,
@@ -240,9 +245,20 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
       "summary": metrics.summarize(runs, greedy=greedy),
       "histograms": {n: metrics.accepted_length_histogram([r for r in runs if r["drafter"] == n], ks[n])
                      for n in names if n != "none"},
+      "steps_by_drafts": {n: _sum_counts(r.get("steps_by_drafts", {}) for r in runs if r["drafter"] == n)
+                          for n in methods.names},
       "skipped": unbuilt + skipped,
       "runs": runs,
   }
+
+
+def _sum_counts(dicts) -> dict:
+  """{drafts verified: steps} summed over runs."""
+  total: dict = {}
+  for d in dicts:
+    for n, c in d.items():
+      total[int(n)] = total.get(int(n), 0) + int(c)
+  return dict(sorted(total.items()))
 
 
 def to_jsonable(obj):
