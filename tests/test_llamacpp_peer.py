@@ -58,7 +58,8 @@ def test_a_non_gguf_model_is_refused_before_any_model_work(tmp_path, capsys, mon
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--llamacpp-threads", "0", "--llamacpp-threads 0 must be >= 1"),
+    ("--llamacpp-threads", "0", "--llamacpp-threads '0' must be 'auto' or an int >= 1"),
+    ("--llamacpp-threads", "two", "--llamacpp-threads 'two' must be 'auto' or an int >= 1"),
     ("--llamacpp-lookup", "0", "--llamacpp-lookup 0 must be >= 1"),
 ])
 def test_bad_llamacpp_arguments(tmp_path, capsys, no_model_work, flag, value, message):
@@ -68,9 +69,9 @@ def test_bad_llamacpp_arguments(tmp_path, capsys, no_model_work, flag, value, me
 
 def test_llamacpp_argument_defaults(tmp_path):
   args = _args(tmp_path)
-  assert (args.compare_llamacpp, args.llamacpp_threads, args.llamacpp_lookup) == (False, None, 10)
+  assert (args.compare_llamacpp, args.llamacpp_threads, args.llamacpp_lookup) == (False, "auto", 10)
   args = _args(tmp_path, "--compare-llamacpp", "--llamacpp-threads", "2", "--llamacpp-lookup", "4")
-  assert (args.compare_llamacpp, args.llamacpp_threads, args.llamacpp_lookup) == (True, 2, 4)
+  assert (args.compare_llamacpp, args.llamacpp_threads, args.llamacpp_lookup) == (True, "2", 4)
   assert llamacpp_peer.default_threads() >= 1
 
 
@@ -141,7 +142,7 @@ class FakeLlamaCpp:
   """Stands in for LlamaCppPeer: replays specjax's AR tokens at fixed rates."""
 
   methods = llamacpp_peer.METHODS
-  versions = {"llama_cpp_python": "fake", "threads": 2, "n_ctx": 512, "lookup_num_pred_tokens": 10,
+  versions = {"llama_cpp_python": "fake", "threads": 2, "thread_mode": "fixed", "n_ctx": 512, "lookup_num_pred_tokens": 10,
               "lookup_max_ngram_size": 2, "system_info": "AVX2 = 1"}
 
   def __init__(self, model):
@@ -196,5 +197,6 @@ def test_real_llamacpp_run(tmp_path):
   runs = [r for r in res["runs"] if r["drafter"].startswith("llamacpp-")]
   assert all(1 <= r["new_tokens"] <= 16 and 0 < r["prefill_s"] <= r["wall_s"] for r in runs)
   assert runs[0]["prompt_tokens"] > 512
-  assert res["settings"]["llamacpp"]["threads"] >= 1
+  lc = res["settings"]["llamacpp"]
+  assert lc["threads"] >= 1 and lc["thread_mode"] == "auto" and len(lc["calibrations"]) == 1
   assert "specjax vs llama.cpp" in (tmp_path / "out" / "report.md").read_text()
