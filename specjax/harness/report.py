@@ -158,7 +158,7 @@ def plot_all(results: dict, out_dir: str) -> list[str]:
     ax2.bar(x + (i - (len(allm) - 1) / 2) * w, vals, w, label=m, hatch=_HATCH.get(metrics.peer_prefix(m)))
   ax2.set_xticks(x, cats, rotation=30, ha="right")
   ax2.set_ylabel("tokens/s (mean over prompts)")
-  engines = [n for p, n in (("hf-", "// HF transformers"), ("llamacpp-", "xx llama.cpp"))
+  engines = [f"{n} ({_HATCH[p]})" for p, n in (("hf-", "HF transformers"), ("llamacpp-", "llama.cpp"))
              if any(m.startswith(p) for m in theirs)]
   ax2.set_title("tokens/s per category, every method" + (f" (hatched: {', '.join(engines)})" if engines else ""))
   ax2.legend(fontsize=8, ncol=2)
