@@ -174,6 +174,21 @@ def test_llamacpp_peer_plumbing_with_a_fake_peer():
   cli._print_summary(res)
 
 
+def test_thread_calibration_keeps_the_faster_count():
+  """threads="auto": greedy is timed at each count, both methods get the faster (the calls are faked)."""
+  peer = object.__new__(llamacpp_peer.LlamaCppPeer)  # no llama_cpp needed: only the calibration logic
+  peer.auto, peer.thread_choices, peer.versions, peer.llms = True, (1, 2), {"threads": 2, "calibrations": []}, {}
+  rate = {1: 30.0, 2: 5.0}  # an oversubscribed machine: 2 spinning threads lose
+  peer.set_threads = lambda t: peer.versions.update(threads=t)
+  peer.generate = lambda ids, method, n: {"new_tokens": n, "wall_s": n / rate[peer.versions["threads"]]}
+  assert peer.calibrate([1, 2, 3]) == 1 and peer.versions["threads"] == 1
+  rate.update({1: 10.0, 2: 18.0})
+  assert peer.calibrate([1, 2, 3]) == 2
+  assert peer.versions["calibrations"] == [{"1": 30.0, "2": 5.0}, {"1": 10.0, "2": 18.0}]
+  peer.auto = False
+  assert peer.calibrate([1]) == 2 and len(peer.versions["calibrations"]) == 2
+
+
 # ---------------------------------------------------------------- the real peer (optional extra)
 
 
@@ -182,8 +197,9 @@ def test_real_llamacpp_run(tmp_path):
   """Needs llama-cpp-python (the `llamacpp` extra; CI does not install it): 1 prompt, 16 new tokens."""
   pytest.importorskip("llama_cpp")
   # The summarization prompt is longer than llama.cpp's n_batch (512), which once broke its lookup.
+  # One thread: timing 2 threads on a busy 2-core machine can take a minute (test_thread_calibration).
   args = _args(tmp_path, "--compare-llamacpp", "--drafters", "none", "--max-new-tokens", "16", "--limit", "1",
-               "--categories", "summarization")
+               "--categories", "summarization", "--llamacpp-threads", "1")
   assert cli.run(args) == 0
   res = json.loads((tmp_path / "out" / "results.json").read_text())
   s = res["summary"]
@@ -198,5 +214,5 @@ def test_real_llamacpp_run(tmp_path):
   assert all(1 <= r["new_tokens"] <= 16 and 0 < r["prefill_s"] <= r["wall_s"] for r in runs)
   assert runs[0]["prompt_tokens"] > 512
   lc = res["settings"]["llamacpp"]
-  assert lc["threads"] >= 1 and lc["thread_mode"] == "auto" and len(lc["calibrations"]) == 1
+  assert (lc["threads"], lc["thread_mode"], lc["calibrations"]) == (1, "fixed", [])
   assert "specjax vs llama.cpp" in (tmp_path / "out" / "report.md").read_text()
