@@ -9,7 +9,9 @@ when the peer is built. Methods:
 
 Each method has its own `Llama`: llama-cpp-python needs `logits_all=True` to
 verify drafts (it then computes and copies the logits of every prompt token),
-which plain greedy does not pay. Every call starts from an empty KV cache
+which plain greedy does not pay. Its verify runs llama.cpp's batched kernels,
+whose arithmetic differs from the one-token path's, so llamacpp-lookup's tokens
+need not equal llamacpp-greedy's (6 of 21 prompts did here). Every call starts from an empty KV cache
 (`reset()`), as specjax's calls do: otherwise `generate` would reuse the cache
 of the previous call's matching prefix and skip most of the prefill.
 
