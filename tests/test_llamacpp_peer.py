@@ -58,7 +58,8 @@ def test_a_non_gguf_model_is_refused_before_any_model_work(tmp_path, capsys, mon
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--llamacpp-threads", "0", "--llamacpp-threads 0 must be >= 1"),
+    ("--llamacpp-threads", "0", "--llamacpp-threads '0' must be 'auto' or an int >= 1"),
+    ("--llamacpp-threads", "two", "--llamacpp-threads 'two' must be 'auto' or an int >= 1"),
     ("--llamacpp-lookup", "0", "--llamacpp-lookup 0 must be >= 1"),
 ])
 def test_bad_llamacpp_arguments(tmp_path, capsys, no_model_work, flag, value, message):
@@ -68,9 +69,9 @@ def test_bad_llamacpp_arguments(tmp_path, capsys, no_model_work, flag, value, me
 
 def test_llamacpp_argument_defaults(tmp_path):
   args = _args(tmp_path)
-  assert (args.compare_llamacpp, args.llamacpp_threads, args.llamacpp_lookup) == (False, None, 10)
+  assert (args.compare_llamacpp, args.llamacpp_threads, args.llamacpp_lookup) == (False, "auto", 10)
   args = _args(tmp_path, "--compare-llamacpp", "--llamacpp-threads", "2", "--llamacpp-lookup", "4")
-  assert (args.compare_llamacpp, args.llamacpp_threads, args.llamacpp_lookup) == (True, 2, 4)
+  assert (args.compare_llamacpp, args.llamacpp_threads, args.llamacpp_lookup) == (True, "2", 4)
   assert llamacpp_peer.default_threads() >= 1
 
 
@@ -141,7 +142,7 @@ class FakeLlamaCpp:
   """Stands in for LlamaCppPeer: replays specjax's AR tokens at fixed rates."""
 
   methods = llamacpp_peer.METHODS
-  versions = {"llama_cpp_python": "fake", "threads": 2, "n_ctx": 512, "lookup_num_pred_tokens": 10,
+  versions = {"llama_cpp_python": "fake", "threads": 2, "thread_mode": "fixed", "n_ctx": 512, "lookup_num_pred_tokens": 10,
               "lookup_max_ngram_size": 2, "system_info": "AVX2 = 1"}
 
   def __init__(self, model):
@@ -173,6 +174,21 @@ def test_llamacpp_peer_plumbing_with_a_fake_peer():
   cli._print_summary(res)
 
 
+def test_thread_calibration_keeps_the_faster_count():
+  """threads="auto": greedy is timed at each count, both methods get the faster (the calls are faked)."""
+  peer = object.__new__(llamacpp_peer.LlamaCppPeer)  # no llama_cpp needed: only the calibration logic
+  peer.auto, peer.thread_choices, peer.versions, peer.llms = True, (1, 2), {"threads": 2, "calibrations": []}, {}
+  rate = {1: 30.0, 2: 5.0}  # an oversubscribed machine: 2 spinning threads lose
+  peer.set_threads = lambda t: peer.versions.update(threads=t)
+  peer.generate = lambda ids, method, n: {"new_tokens": n, "wall_s": n / rate[peer.versions["threads"]]}
+  assert peer.calibrate([1, 2, 3]) == 1 and peer.versions["threads"] == 1
+  rate.update({1: 10.0, 2: 18.0})
+  assert peer.calibrate([1, 2, 3]) == 2
+  assert peer.versions["calibrations"] == [{"1": 30.0, "2": 5.0}, {"1": 10.0, "2": 18.0}]
+  peer.auto = False
+  assert peer.calibrate([1]) == 2 and len(peer.versions["calibrations"]) == 2
+
+
 # ---------------------------------------------------------------- the real peer (optional extra)
 
 
@@ -181,8 +197,9 @@ def test_real_llamacpp_run(tmp_path):
   """Needs llama-cpp-python (the `llamacpp` extra; CI does not install it): 1 prompt, 16 new tokens."""
   pytest.importorskip("llama_cpp")
   # The summarization prompt is longer than llama.cpp's n_batch (512), which once broke its lookup.
+  # One thread: timing 2 threads on a busy 2-core machine can take a minute (test_thread_calibration).
   args = _args(tmp_path, "--compare-llamacpp", "--drafters", "none", "--max-new-tokens", "16", "--limit", "1",
-               "--categories", "summarization")
+               "--categories", "summarization", "--llamacpp-threads", "1")
   assert cli.run(args) == 0
   res = json.loads((tmp_path / "out" / "results.json").read_text())
   s = res["summary"]
@@ -196,5 +213,6 @@ def test_real_llamacpp_run(tmp_path):
   runs = [r for r in res["runs"] if r["drafter"].startswith("llamacpp-")]
   assert all(1 <= r["new_tokens"] <= 16 and 0 < r["prefill_s"] <= r["wall_s"] for r in runs)
   assert runs[0]["prompt_tokens"] > 512
-  assert res["settings"]["llamacpp"]["threads"] >= 1
+  lc = res["settings"]["llamacpp"]
+  assert (lc["threads"], lc["thread_mode"], lc["calibrations"]) == (1, "fixed", [])
   assert "specjax vs llama.cpp" in (tmp_path / "out" / "report.md").read_text()

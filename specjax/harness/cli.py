@@ -68,8 +68,9 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--compare-llamacpp", action="store_true",
                  help="also run llama.cpp (llama-cpp-python: greedy, prompt-lookup drafting) on the same GGUF and "
                  "prompt ids (optional extra: pip install -e '.[llamacpp]')")
-  p.add_argument("--llamacpp-threads", type=int, default=None,
-                 help="llama.cpp threads (prefill and decode; default: the cores this process may use)")
+  p.add_argument("--llamacpp-threads", default="auto",
+                 help="llama.cpp threads (prefill and decode): an int, or 'auto' (default): the faster of 1 and "
+                 "the cores this process may use, timed at warm-up and every few questions")
   p.add_argument("--llamacpp-lookup", type=int, default=10,
                  help="draft tokens per step of llama.cpp's prompt lookup (LlamaPromptLookupDecoding "
                  "num_pred_tokens; default %(default)s)")
@@ -90,8 +91,9 @@ def _validate(args) -> tuple[list[str], dict, list[str] | None]:
     raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
   if args.limit is not None and args.limit < 1:
     raise ValueError(f"--limit {args.limit} must be >= 1")
-  if getattr(args, "llamacpp_threads", None) is not None and args.llamacpp_threads < 1:
-    raise ValueError(f"--llamacpp-threads {args.llamacpp_threads} must be >= 1")
+  threads = getattr(args, "llamacpp_threads", "auto")
+  if threads != "auto" and not (str(threads).isdigit() and int(threads) >= 1):
+    raise ValueError(f"--llamacpp-threads {threads!r} must be 'auto' or an int >= 1")
   if getattr(args, "llamacpp_lookup", 10) < 1:
     raise ValueError(f"--llamacpp-lookup {args.llamacpp_lookup} must be >= 1")
   drafters = check_drafter_names(_csv(args.drafters))
@@ -141,7 +143,8 @@ def run(args, model=None) -> int:
     hf = hf_peer.HFPeer(path, model.config.eos_ids, threads=threads, prompt_lookup=args.hf_prompt_lookup,
                         assistant_path=args.hf_assistant)
   if args.compare_llamacpp:
-    llamacpp = llamacpp_peer.LlamaCppPeer(gguf, model.config.eos_ids, threads=args.llamacpp_threads,
+    threads = args.llamacpp_threads if args.llamacpp_threads == "auto" else int(args.llamacpp_threads)
+    llamacpp = llamacpp_peer.LlamaCppPeer(gguf, model.config.eos_ids, threads=threads,
                                           n_ctx=model.config.max_context, lookup_tokens=args.llamacpp_lookup)
   results = run_benchmark(model, questions, drafters, sampling=sampling, ks=ks, max_new_tokens=args.max_new_tokens,
                           seed=args.seed, hf=hf, llamacpp=llamacpp, progress=not args.no_progress,

@@ -9,7 +9,9 @@ when the peer is built. Methods:
 
 Each method has its own `Llama`: llama-cpp-python needs `logits_all=True` to
 verify drafts (it then computes and copies the logits of every prompt token),
-which plain greedy does not pay. Every call starts from an empty KV cache
+which plain greedy does not pay. Its verify runs llama.cpp's batched kernels,
+whose arithmetic differs from the one-token path's, so llamacpp-lookup's tokens
+need not equal llamacpp-greedy's (6 of 21 prompts did here). Every call starts from an empty KV cache
 (`reset()`), as specjax's calls do: otherwise `generate` would reuse the cache
 of the previous call's matching prefix and skip most of the prefill.
 
@@ -18,6 +20,13 @@ in ggml_backend_amx_mul_mat on the first decode of this model here (Xeon with
 AMX; upstream llama.cpp issue 20824): with extra_buffer_types="auto" the peer
 turns extra buffer types off (llama_model_params.use_extra_bufts) only when
 llama.cpp reports AMX_INT8 = 1, and keeps llama.cpp's default elsewhere.
+
+Threads: llama.cpp's threads spin at their barriers, so on an oversubscribed
+machine 2 threads can be many times slower than 1 (seen here with another
+benchmark running: minutes for one 128-token answer). With threads="auto" the
+peer times greedy decoding at 1 and `max_threads` threads on the warm-up prompt
+(and again every few prompts, see `calibrate`) and uses the faster for both
+methods, as the HF peer does; an int fixes the count.
 
 Timed like specjax's runs: wall seconds from the call to the last new token
 (prefill + decode, warm: the runner's warm-up calls each method once first);
@@ -65,13 +74,18 @@ def check_gguf(path: str) -> str:
 class LlamaCppPeer:
   """llama.cpp on CPU through llama-cpp-python, `threads` threads for prefill and decode."""
 
-  def __init__(self, model_path: str, eos_ids: Sequence[int], threads: int | None = None, n_ctx: int = 8192,
-               lookup_tokens: int = 10, max_ngram_size: int = 2, extra_buffer_types: bool | str = "auto"):
+  def __init__(self, model_path: str, eos_ids: Sequence[int], threads: int | str = "auto", n_ctx: int = 8192,
+               lookup_tokens: int = 10, max_ngram_size: int = 2, extra_buffer_types: bool | str = "auto",
+               max_threads: int | None = None):
     llama_cpp = require_llamacpp()
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-    threads = default_threads() if threads is None else threads
-    if not isinstance(threads, int) or threads < 1:
-      raise ValueError(f"threads={threads!r} must be an int >= 1")
+    if threads != "auto" and (not isinstance(threads, int) or threads < 1):
+      raise ValueError(f"threads={threads!r} must be 'auto' or an int >= 1")
+    self.llama_cpp = llama_cpp
+    self.auto = threads == "auto"
+    max_threads = max_threads or default_threads()
+    self.thread_choices = tuple(sorted({1, max_threads}))
+    threads = max_threads if self.auto else threads
     if extra_buffer_types not in ("auto", True, False):
       raise ValueError(f"extra_buffer_types={extra_buffer_types!r} must be 'auto', True or False")
     path = check_gguf(model_path)
@@ -91,9 +105,31 @@ class LlamaCppPeer:
     self.evals = 0
     for llm in self.llms.values():
       llm.eval = self._counting(llm.eval)  # generate() calls self.eval once per target forward
-    self.versions = {"llama_cpp_python": llama_cpp.__version__, "threads": threads, "n_ctx": n_ctx,
+    self.versions = {"llama_cpp_python": llama_cpp.__version__, "threads": threads,
+                     "thread_mode": "auto" if self.auto else "fixed", "calibrations": [], "n_ctx": n_ctx,
                      "lookup_num_pred_tokens": lookup_tokens, "lookup_max_ngram_size": max_ngram_size,
                      "extra_buffer_types": extra_buffer_types, "system_info": info}
+
+  def set_threads(self, threads: int):
+    for llm in self.llms.values():
+      self.llama_cpp.llama_set_n_threads(llm.ctx, threads, threads)
+    self.versions["threads"] = threads
+
+  def calibrate(self, ids: Sequence[int], new_tokens: int = 32, rounds: int = 2) -> int:
+    """With threads="auto": times greedy generation at each thread count, keeps the fastest."""
+    if not self.auto:
+      return self.versions["threads"]
+    rates = {t: [] for t in self.thread_choices}
+    for _ in range(rounds):
+      for t in self.thread_choices:
+        self.set_threads(t)
+        r = self.generate(ids, "llamacpp-greedy", new_tokens)
+        rates[t].append(r["new_tokens"] / r["wall_s"])
+    mean = {t: sum(v) / len(v) for t, v in rates.items()}
+    best = max(mean, key=mean.get)
+    self.set_threads(best)
+    self.versions["calibrations"].append({str(t): round(v, 2) for t, v in mean.items()})
+    return best
 
   def _counting(self, eval_fn):
     def counted(tokens):

@@ -90,7 +90,7 @@ def markdown(results: dict, command: str | None = None) -> str:
 
 def _llamacpp_section(v: dict, lc: dict, cats: list[str], greedy: bool) -> list[str]:
   lines = ["", "## specjax vs llama.cpp (same GGUF, same prompt ids, same process)", "",
-           f"llama.cpp through llama-cpp-python {lc['llama_cpp_python']}, {lc['threads']} threads, its own "
+           f"llama.cpp through llama-cpp-python {lc['llama_cpp_python']}, {_threads(lc)}, its own "
            "quantized arithmetic" + ("" if lc.get("extra_buffer_types", True) else ", extra buffer types off "
                                      "(its AMX path segfaults here, see specjax/harness/llamacpp_peer.py)")
            + f"; llamacpp-lookup = LlamaPromptLookupDecoding(num_pred_tokens="
@@ -116,11 +116,14 @@ def _llamacpp_section(v: dict, lc: dict, cats: list[str], greedy: bool) -> list[
   return lines
 
 
-def _threads(hf: dict) -> str:
-  if hf.get("thread_mode") != "auto":
-    return f"{hf['threads']} threads"
-  cal = "; ".join(", ".join(f"{t} thr {r:.1f} tok/s" for t, r in c.items()) for c in hf.get("calibrations", []))
-  return f"threads auto (the faster of 1 and 2, re-timed every few questions: {cal})"
+def _threads(peer: dict) -> str:
+  """A peer's thread count, or with threads="auto" every timing that chose it (HF and llama.cpp)."""
+  if peer.get("thread_mode") != "auto":
+    return f"{peer['threads']} threads"
+  cals = peer.get("calibrations", [])
+  cal = "; ".join(", ".join(f"{t} thr {r:.1f} tok/s" for t, r in c.items()) for c in cals)
+  choices = " and ".join(cals[0]) if cals else "1 and 2"
+  return f"threads auto (the faster of {choices}, re-timed every few questions: {cal})"
 
 
 def plot_all(results: dict, out_dir: str) -> list[str]:
@@ -155,7 +158,7 @@ def plot_all(results: dict, out_dir: str) -> list[str]:
     ax2.bar(x + (i - (len(allm) - 1) / 2) * w, vals, w, label=m, hatch=_HATCH.get(metrics.peer_prefix(m)))
   ax2.set_xticks(x, cats, rotation=30, ha="right")
   ax2.set_ylabel("tokens/s (mean over prompts)")
-  engines = [n for p, n in (("hf-", "// HF transformers"), ("llamacpp-", "xx llama.cpp"))
+  engines = [f"{n} ({_HATCH[p]})" for p, n in (("hf-", "HF transformers"), ("llamacpp-", "llama.cpp"))
              if any(m.startswith(p) for m in theirs)]
   ax2.set_title("tokens/s per category, every method" + (f" (hatched: {', '.join(engines)})" if engines else ""))
   ax2.legend(fontsize=8, ncol=2)

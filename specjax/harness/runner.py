@@ -21,7 +21,7 @@ from specjax.harness import metrics
 from specjax.harness.questions import Question, prompt_ids
 
 DEFAULT_K_FALLBACK = 5
-HF_CALIBRATE_EVERY = 6  # questions
+HF_CALIBRATE_EVERY = 6  # questions between re-timings of a peer's thread count (HF's and llama.cpp's)
 
 
 def default_k(name: str) -> int:
@@ -189,9 +189,11 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
 
   # Warm-up: compile and run each method once on the first prompt (results discarded).
   warm_ids = prompt_ids(model.tokenizer, questions[0].turns, [])
-  calibrate = getattr(hf, "calibrate", None)
-  if calibrate is not None:
-    log(f"HF threads: {calibrate(warm_ids)}")
+  # Peers whose thread count is chosen by timing (threads="auto"), HF and llama.cpp.
+  calibrations = {name: p.calibrate for name, p in (("HF", hf), ("llama.cpp", llamacpp))
+                  if getattr(p, "calibrate", None) is not None}
+  for name, calibrate in calibrations.items():
+    log(f"{name} threads: {calibrate(warm_ids)}")
   warmup_s = {}
   for name in methods.names:
     t0 = time.perf_counter()
@@ -207,8 +209,9 @@ def run_benchmark(model, questions: Sequence[Question], drafters: Sequence[str],
     answers: list[str] = []
     for turn in range(1, len(q.turns) + 1):
       ids = prompt_ids(model.tokenizer, q.turns, answers)
-      if calibrate is not None and qi and turn == 1 and qi % HF_CALIBRATE_EVERY == 0:
-        calibrate(warm_ids)  # the machine's load changes; keep HF on its faster thread count
+      if qi and turn == 1 and qi % HF_CALIBRATE_EVERY == 0:
+        for calibrate in calibrations.values():
+          calibrate(warm_ids)  # the machine's load changes; keep each peer on its faster thread count
       if len(ids) + max_new_tokens + longest_k + 1 > model.config.max_context:
         skipped.append(f"question {q.question_id} ({q.category}) turn {turn}: prompt of {len(ids)} tokens "
                        f"+ {max_new_tokens} new exceeds the context of {model.config.max_context}")
