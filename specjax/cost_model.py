@@ -34,7 +34,7 @@ import numpy as np
 from specjax.drafters.base import Context, Drafter
 from specjax.sampling import Sampling
 
-FORMAT = 1
+FORMAT = 2  # 2: a drafter step is propose + update
 K_MAX = 8  # drafts per step the default curve covers (it grows when a drafter needs more)
 CONTEXT = 256  # cached tokens behind every timed forward
 _MEASURED_T = (1, 2, 3, 4, 5, 6)  # timed exactly; beyond these only the last T, in between interpolated
@@ -43,7 +43,7 @@ _MEASURED_T = (1, 2, 3, 4, 5, 6)  # timed exactly; beyond these only the last T,
 @dataclasses.dataclass(frozen=True)
 class CostModel:
   """verify[T - 1] = c(T) = forward(T) / forward(1) for T = 1 .. len(verify), with c(1) = 1 and
-  non-decreasing; draft = one propose of the drafter, relative to forward(1)."""
+  non-decreasing; draft = one drafter step (propose + update), relative to forward(1)."""
 
   verify: tuple[float, ...]
   draft: float = 0.0
@@ -124,8 +124,9 @@ def forward_ms(model, context: int, T: int, repeats: int, n: int = 16) -> float:
 
 
 def propose_ms(model, drafter: Drafter, context: int, repeats: int, n: int = 8) -> float:
-  """One `drafter.propose` (greedy, batch 1, after `context` tokens), timed like `forward_ms`:
-  n proposes in one jitted loop that carries the drafter's state."""
+  """One drafter step, `propose` then `update` after a verify of k + 1 tokens (greedy, batch 1,
+  after `context` tokens), timed like `forward_ms`: n steps in one jitted loop that carries the
+  drafter's state."""
   k, V = drafter.k, model.config.vocab_size
   max_len = -(-(context + k + 2) // 128) * 128
   prompt = jnp.asarray((np.arange(context) * 7919 % (V - 3) + 3)[None], jnp.int32)
@@ -150,6 +151,8 @@ def propose_ms(model, drafter: Drafter, context: int, repeats: int, n: int = 8) 
     def body(_, carry):
       dstate, acc = carry
       dstate, drafts, _ = drafter.propose(dweights, dstate, ctx, keys, sampling)
+      after = Context(history, length + 1, feats, length - 1)
+      dstate = drafter.update(dweights, dstate, after, jnp.zeros((1,), jnp.int32))
       return dstate, acc + jnp.sum(drafts)  # every draft feeds the result (nothing is dead code)
 
     return jax.lax.fori_loop(0, n, body, (dstate, jnp.int32(0)))[1]

@@ -10,10 +10,11 @@ estimate forgets a few dozen steps back and slowly returns to the prior when uno
 
 With the machine's cost model (`cost_model.CostModel`), a row verifying n drafts
 expects E(n) = 1 + sum_{i<=n} prod_{j<=i} a_j tokens for a cost of c(n + 1), plus one
-propose if any draft is asked for; the row takes the compiled size n that maximises
-E(n) / cost(n) (ties go to the smaller n). A row that has verified nothing for
-PROBE_EVERY steps probes once with the smallest size > 0, so a drafter that starts
-paying again is noticed even where the prior alone would not try it.
+drafter step if any draft is asked for; the row takes the compiled size n that
+maximises E(n) / cost(n), sizes n > 0 discounted by 1 + MARGIN (ties go to the smaller
+n). A row that has verified nothing for PROBE_EVERY steps probes once with the smallest
+size > 0, so a drafter that starts paying again is noticed even where the prior alone
+would not try it. While no row drafts, the drafter is not run at all (decode.py).
 
 Lossless: the choice depends only on past acceptance and step counts, never on the
 drafts of this step or on the token about to be drawn (`Policy.trim` is the seam a
@@ -33,6 +34,9 @@ PRIOR = 0.6  # position 1's prior acceptance
 STRENGTH = 1.0  # the prior's weight, in examinations
 DECAY = 0.98  # per-step discount of the counts (a memory of ~50 steps)
 PROBE_EVERY = 32  # a row idle this many steps verifies once at the smallest size > 0
+# Drafting must promise this much more than a plain step: the cost model is timed on a
+# machine others share and leaves out per-step overheads of ~1-3% (the verify switch).
+MARGIN = 0.05
 
 
 @struct.dataclass
@@ -71,12 +75,13 @@ class Policy:
     return 1.0 + gained[:, jnp.asarray(self.sizes)]
 
   def step_costs(self) -> jax.Array:
-    """cost(n) [len(sizes)] in one-token forwards: the verify, and a propose when n > 0."""
+    """cost(n) [len(sizes)] in one-token forwards: the verify, and a drafter step when n > 0."""
     return jnp.asarray([self.cost.c(n + 1) + (self.cost.draft if n else 0.0) for n in self.sizes], jnp.float32)
 
   def choose(self, est: Estimates) -> jax.Array:
     """Drafts to verify per row [B]: the size with the most expected tokens per unit cost."""
-    best = jnp.argmax(self.expected_tokens(est) / self.step_costs()[None], axis=1)
+    margin = jnp.asarray([1.0] + [1.0 + MARGIN] * (len(self.sizes) - 1), jnp.float32)
+    best = jnp.argmax(self.expected_tokens(est) / (self.step_costs() * margin)[None], axis=1)
     n = jnp.asarray(self.sizes, jnp.int32)[best]
     probe = min(s for s in self.sizes if s > 0)
     return jnp.where((n == 0) & (est.idle >= PROBE_EVERY), probe, n)
