@@ -207,10 +207,11 @@ def machine_key(model) -> dict:
 
 
 def drafter_key(drafter: Drafter) -> str:
+  """The drafter's class, name, config fields (not its weights' values) and weight shapes."""
   fields = {f.name: getattr(drafter, f.name) for f in dataclasses.fields(drafter)
             if f.name not in ("weights", "graphdef")}
-  return (f"{type(drafter).__name__}/{drafter.name}/{hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:12]}"
-          f"/{_tree_shapes(drafter.weights)}")
+  config = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:12]
+  return f"{type(drafter).__name__}/{drafter.name}/{config}/{_tree_shapes(drafter.weights)}"
 
 
 def cache_path(model) -> str:

@@ -119,7 +119,8 @@ def verify_sizes(k: int, dynamic: bool = False) -> tuple[int, ...]:
   compiles in ~12 s instead of ~5 s), and a ladder of them beyond.
   """
   if dynamic:
-    return tuple(range(k + 1)) if k <= 8 else tuple(sorted({n for n in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24) if n < k} | {k}))
+    ladder = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24)
+    return tuple(range(k + 1)) if k <= 8 else tuple(sorted({n for n in ladder if n < k} | {k}))
   return tuple(sorted({0, min(1, k), min(3, k), k}))
 
 
@@ -196,7 +197,8 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
 
         def skip(d):  # no row verifies a draft: a plain step, and the drafter is not asked
           shapes = jax.eval_shape(propose, d)
-          return d, jnp.full((B, k), -1, jnp.int32), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[2])
+          q0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[2])
+          return d, jnp.full((B, k), -1, jnp.int32), q0
 
         dstate, drafts, q = jax.lax.cond(proposed, propose, skip, s.dstate)
         chosen = policy.trim(chosen, drafts, q)
@@ -207,9 +209,9 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
       dstate, drafts, q = s.dstate, jnp.zeros((B, 0), jnp.int32), None
     tokens = jnp.concatenate([last[:, None], drafts], axis=1)
     pos = s.cache.lengths[:, None] + jnp.arange(k + 1)[None, :]
-    (n_acc, out, logp, nan), cache, feats, size_idx = _verify(module, tokens, pos, s.cache, feature_layers, sizes, drafts, q,
-                                                     static.sampling, _row_keys(seeds, s.step, 2),
-                                                     static.check_nan)
+    (n_acc, out, logp, nan), cache, feats, size_idx = _verify(
+        module, tokens, pos, s.cache, feature_layers, sizes, drafts, q, static.sampling, _row_keys(seeds, s.step, 2),
+        static.check_nan)
     # Truncate at EOS and at max_new_tokens, both possibly inside the accepted block.
     j = jnp.arange(k + 1)[None, :]
     is_eos = jnp.any(out[..., None] == eos, axis=-1) & (j <= n_acc[:, None])
