@@ -36,11 +36,11 @@ using namespace specjax;
 // below is one vector; a pass also holds its weight vectors and one x vector.
 //   kn: kKnVecs vectors of columns x kKnRows rows     (32 regs: 4 x 6 = 24; 16 regs: 4 x 2 = 8)
 //   nk: 4 outputs x kNkRows rows                      (same budget)
-//   quantized: up to kQRows rows x NB outputs, 2 NB weight vectors (see q_nb)
+//   quantized: up to kQRows rows x NB outputs (see q_nb)
 constexpr int kKnVecs = 4;
 constexpr int kKnRows = kRegs >= 32 ? 6 : 2;
 constexpr int kNkRows = kRegs >= 32 ? 6 : 2;
-constexpr int kQRows = kRegs >= 32 ? 8 : 4;
+constexpr int kQRows = 8;
 constexpr int64_t kKnWidth = kKnVecs * kLanes;  // columns per kn block
 constexpr int64_t kSlab = 32;   // W rows per pass in kn
 constexpr int64_t kAhead = 64;  // kn prefetch distance along a W row, in floats (the next block)
@@ -252,10 +252,12 @@ void q_block(const float* x, int64_t K, const Q& w, float* y, int64_t N, int64_t
 
 // Outputs per pass for MR rows. 32 registers: MR x NB accumulators + 2 NB weights + 2 x:
 // 4 outputs up to 4 rows, 3 for 5-6, 2 for 7-8 (at most 26 live). 16 registers: MR x NB
-// accumulators + 2 weights, 2 scales and the nibble mask: 4 outputs for 1-2 rows, 3 for 3,
-// 2 for 4 (at most 9 accumulators, 14 live).
+// accumulators + 2 weights, 2 scales and the nibble mask: 4 outputs for 1-2 rows (independent
+// FMA chains for a short pass), 3 for 3, 2 for 4, 1 for 5-8 (at most 9 accumulators, 14 live).
+// There a block is dequantized once per pass whatever NB is, so one pass over all 8 rows
+// (not two of 4) halves the dequantization work a verify row pays for.
 constexpr int q_nb(int mr) {
-  return kRegs >= 32 ? (mr <= 4 ? 4 : mr <= 6 ? 3 : 2) : (mr <= 2 ? 4 : mr == 3 ? 3 : 2);
+  return kRegs >= 32 ? (mr <= 4 ? 4 : mr <= 6 ? 3 : 2) : (mr <= 2 ? 4 : mr == 3 ? 3 : mr == 4 ? 2 : 1);
 }
 
 // A group of kGroup outputs (a multiple of every q_nb) in passes of NB.
