@@ -312,7 +312,7 @@ def test_a_drafter_that_pays_keeps_its_speedup(model, prompts, start):
     assert speed_on >= 0.95 * speed_off and speed_on > 2.0
   else:  # garbage first: the policy stops drafting, then re-probes and finds the drafter pays again
     assert speed_on > 1.15 * speed_off and speed_on > 1.0
-    assert on.stats["steps_by_drafts"].get(5, 0) >= 10
+    assert on.stats["steps_by_drafts"].get(5, 0) >= 5
 
 
 # ----------------------------------------------------------------------------------------------
