@@ -256,6 +256,10 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
 
 
 _COMPILED: dict = {}
+# Executables kept, least recently used dropped first: each holds a few hundred memory maps
+# of JIT code (~800 with dynamic speculation's verify branches), and Linux stops a process at
+# vm.max_map_count (65530 by default) with a segfault in XLA's compiler, not an error.
+MAX_COMPILED = 40
 
 
 def _compiled(static: _Static, args, max_len: int):
@@ -263,6 +267,7 @@ def _compiled(static: _Static, args, max_len: int):
   key = (static, max_len, jax.tree.map(lambda a: (a.shape, a.dtype), args[2:]),
          jax.tree.structure(args[0]), jax.tree.structure(args[1]))
   if key in _COMPILED:
+    _COMPILED[key] = _COMPILED.pop(key)  # most recently used last
     return _COMPILED[key], 0.0
   t0 = time.perf_counter()
   prefill = jax.jit(functools.partial(_prefill, static, max_len=max_len)).lower(*args).compile()
@@ -270,6 +275,8 @@ def _compiled(static: _Static, args, max_len: int):
   loop = jax.jit(functools.partial(_loop, static), donate_argnums=(2,)).lower(
       args[0], args[1], state, *args[3:]).compile()
   _COMPILED[key] = (prefill, loop)
+  while len(_COMPILED) > MAX_COMPILED:
+    _COMPILED.pop(next(iter(_COMPILED)))
   return _COMPILED[key], time.perf_counter() - t0
 
 
