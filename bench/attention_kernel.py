@@ -10,12 +10,12 @@ this once per version (the library is rebuilt when the source changes).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specjax.cost_model import best_ms
 from specjax.kernels import attention, kernel_available
 
 
@@ -33,13 +33,7 @@ def layer_us(T: int, context: int, slots: int = 1024, calls: int = 300) -> float
     body = lambda _, acc: acc + 1e-3 * attention(False, acc, kc, vc, kn, vn, mask, starts)
     return jax.lax.fori_loop(0, calls, body, q)
 
-  jax.block_until_ready(run(q))
-  best = float("inf")
-  for _ in range(7):
-    t = time.perf_counter()
-    jax.block_until_ready(run(q))
-    best = min(best, time.perf_counter() - t)
-  return best / calls * 1e6
+  return best_ms(lambda: jax.block_until_ready(run(q)), 7) / calls * 1e3
 
 
 def main():

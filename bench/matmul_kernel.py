@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from specjax import kernels
+from specjax.cost_model import best_ms
+from specjax.harness.runner import machine_info
 
 # (N, K, kind, matrices per step)
 STEP = [(576, 576, "q4_1", 30 * 2), (192, 576, "q4_1", 30 * 2), (1536, 576, "q4_1", 30 * 2),
@@ -46,24 +46,7 @@ def matmul_us(M, N, K, kind, calls=50) -> float:
       return acc + 1e-6 * y[:, :K] if N >= K else acc + 1e-6 * jnp.pad(y, ((0, 0), (0, K - N)))
     return jax.lax.fori_loop(0, calls, body, x)
 
-  jax.block_until_ready(run(x))
-  best = float("inf")
-  for _ in range(7):
-    t = time.perf_counter()
-    jax.block_until_ready(run(x))
-    best = min(best, time.perf_counter() - t)
-  return best / calls * 1e6
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
+  return best_ms(lambda: jax.block_until_ready(run(x)), 7) / calls * 1e3
 
 
 def main(argv=None):
@@ -73,7 +56,7 @@ def main(argv=None):
   ap.add_argument("--json", action="store_true")
   args = ap.parse_args(argv)
   rows = [int(r) for r in args.rows.split(",")]
-  out = {"cpu": cpu_model(), "executable": list(kernels.executable_isas()), "step_matmul_ms": {}}
+  out = {"cpu": machine_info()["cpu"], "executable": list(kernels.executable_isas()), "step_matmul_ms": {}}
   for isa in args.isa.split(","):
     with kernels.forced_isa(isa):
       if not kernels.kernel_available():
