@@ -62,8 +62,10 @@ _ISA_CFLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl",
 _override: str | None = None  # set by `forced_isa`
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
-  """The CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
+  """The CPU's feature flags (/proc/cpuinfo, read once: every kernel call consults the variant
+  while tracing), empty where they cannot be read."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
