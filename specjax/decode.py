@@ -46,6 +46,7 @@ class LoopState:
   accepted: jax.Array  # [B, max(k,1)] ... and accepted
   features: Any
   feature_start: jax.Array  # [B]
+  last_acc: jax.Array  # [B] drafts accepted by the last step (the drafter's update needs it)
   dstate: Any
   est: Any  # dynamic.Estimates with dynamic speculation on, else ()
   chosen: jax.Array  # [B] drafts each row verifies at the next step (dynamic speculation; else k)
@@ -103,6 +104,7 @@ def _prefill(static: _Static, params, dweights, prompt, prompt_len, max_new, see
       nan=jnp.zeros((B,), bool), step=jnp.int32(0), steps=jnp.zeros((B,), jnp.int32),
       emitted_per_step=jnp.zeros((B, static.max_steps), jnp.int32), reached=jnp.zeros((B, kk), jnp.int32),
       accepted=jnp.zeros((B, kk), jnp.int32), features=features, feature_start=jnp.zeros((B,), jnp.int32),
+      last_acc=jnp.zeros((B,), jnp.int32),
       dstate=dstate, est=est, chosen=chosen,
       size_steps=jnp.zeros((k + 1,), jnp.int32), row_size_steps=jnp.zeros((B, k + 1), jnp.int32),
       proposes=jnp.int32(0))
@@ -180,14 +182,24 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
   eos = jnp.asarray(static.eos_ids or (-2,), jnp.int32)
   rows = jnp.arange(B)
 
-  def body(s: LoopState) -> LoopState:
+  def step(s: LoopState, plain: bool = False) -> LoopState:
+    """One draft -> verify -> accept -> commit step. plain: every row chose 0 drafts (dynamic
+    speculation), so the step is exactly an AR step: one token, no drafter, no verify switch."""
     active = ~s.done
     last = s.history[rows, s.length - 1]
     chosen = s.chosen  # drafts each row may verify
     proposed = jnp.int32(0)
-    if drafter:
+    width = 0 if plain else k  # drafts in this step's arrays
+    if drafter and not plain:
       ctx = Context(s.history, s.length, s.features, s.feature_start)
-      propose = lambda d: drafter.propose(dweights, d, ctx, _row_keys(seeds, s.step, 1), static.sampling)
+
+      def propose(d):
+        # The drafter first catches up on the last step (its features are the state's), so a
+        # drafter skipped by plain steps is updated only before a step that proposes.
+        update = lambda d: drafter.update(dweights, d, ctx, s.last_acc)
+        d = jax.lax.cond(s.step > 0, update, lambda d: d, d)
+        return drafter.propose(dweights, d, ctx, _row_keys(seeds, s.step, 1), static.sampling)
+
       if policy is None:
         dstate, drafts, q = propose(s.dstate)
         proposed = jnp.int32(1)
@@ -195,7 +207,7 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
         chosen = jnp.where(active, chosen, 0)
         proposed = jnp.any(chosen > 0)
 
-        def skip(d):  # no row verifies a draft: a plain step, and the drafter is not asked
+        def skip(d):  # no row verifies a draft: the drafter is not asked
           shapes = jax.eval_shape(propose, d)
           q0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[2])
           return d, jnp.full((B, k), -1, jnp.int32), q0
@@ -205,17 +217,20 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
         drafts = jnp.where(jnp.arange(k)[None, :] < chosen[:, None], drafts, -1)
         proposed = proposed.astype(jnp.int32)
       drafts = jnp.where(active[:, None], drafts, -1)  # finished rows ask for no verify work
+      step_sizes = sizes
     else:
-      dstate, drafts, q = s.dstate, jnp.zeros((B, 0), jnp.int32), None
+      dstate, drafts, q, step_sizes = s.dstate, jnp.zeros((B, 0), jnp.int32), None, (0,)
     tokens = jnp.concatenate([last[:, None], drafts], axis=1)
-    pos = s.cache.lengths[:, None] + jnp.arange(k + 1)[None, :]
+    pos = s.cache.lengths[:, None] + jnp.arange(width + 1)[None, :]
     (n_acc, out, logp, nan), cache, feats, size_idx = _verify(
-        module, tokens, pos, s.cache, feature_layers, sizes, drafts, q, static.sampling, _row_keys(seeds, s.step, 2),
-        static.check_nan)
+        module, tokens, pos, s.cache, feature_layers, step_sizes, drafts, q, static.sampling,
+        _row_keys(seeds, s.step, 2), static.check_nan)
+    if width < k:  # the state carries the features of k + 1 tokens
+      feats = jax.tree.map(lambda x: jnp.pad(x, [(0, 0), (0, k - width)] + [(0, 0)] * (x.ndim - 2)), feats)
     # Truncate at EOS and at max_new_tokens, both possibly inside the accepted block.
-    j = jnp.arange(k + 1)[None, :]
+    j = jnp.arange(width + 1)[None, :]
     is_eos = jnp.any(out[..., None] == eos, axis=-1) & (j <= n_acc[:, None])
-    eos_at = jnp.min(jnp.where(is_eos, j, k + 1), axis=1)
+    eos_at = jnp.min(jnp.where(is_eos, j, width + 1), axis=1)
     budget = max_new - (s.length - prompt_len)
     n_emit = jnp.minimum(jnp.minimum(n_acc + 1, budget), eos_at + 1)
     n_emit = jnp.where(active & ~nan, n_emit, 0)
@@ -228,31 +243,35 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
     cache = cache_lib.advance(cache.replace(lengths=s.cache.lengths), n_emit)
     counted = active & ~nan
     ii = jnp.arange(kk)[None, :]
-    reached = s.reached + (counted[:, None] & (ii < jnp.minimum(chosen, k)[:, None]) & (ii <= n_acc[:, None]))
+    reached = s.reached + (counted[:, None] & (ii < jnp.minimum(chosen, width)[:, None]) & (ii <= n_acc[:, None]))
     verified = jnp.sum(jnp.cumprod(drafts >= 0, axis=1), axis=1)  # [B] drafts each row had checked
     est, next_chosen = s.est, chosen
     if policy is not None:
       est = policy.observe(s.est, verified, n_acc, counted)
       next_chosen = jnp.where(done, 0, policy.choose(est))
-    size = jnp.asarray(sizes, jnp.int32)[size_idx]
+    size = jnp.asarray(step_sizes, jnp.int32)[size_idx]
     accepted = s.accepted + (counted[:, None] & (ii < n_acc[:, None]))
-    if drafter:
-      update = lambda d: drafter.update(dweights, d, Context(history, s.length + n_emit, feats, s.length - 1), n_acc)
-      if policy is None:
-        dstate = update(dstate)
-      else:  # the drafter catches up only before a step that proposes (see Drafter.update)
-        dstate = jax.lax.cond(jnp.any(next_chosen > 0), update, lambda d: d, dstate)
     return LoopState(
         cache=cache, history=history, logprobs=logprobs, length=s.length + n_emit, done=done, nan=s.nan | nan,
         step=s.step + 1, steps=s.steps + counted, emitted_per_step=s.emitted_per_step.at[:, s.step].set(n_emit),
-        reached=reached, accepted=accepted, features=feats, feature_start=s.length - 1, dstate=dstate, est=est,
-        chosen=next_chosen,
+        reached=reached, accepted=accepted, features=feats, feature_start=s.length - 1, last_acc=n_acc,
+        dstate=dstate, est=est, chosen=next_chosen,
         size_steps=s.size_steps.at[size].add(1),
         row_size_steps=s.row_size_steps.at[rows, verified].add(counted.astype(jnp.int32)),
         proposes=s.proposes + proposed)
 
-  cond = lambda s: (s.step < static.max_steps) & ~jnp.all(s.done)
-  return jax.lax.while_loop(cond, body, state)
+  going = lambda s: (s.step < static.max_steps) & ~jnp.all(s.done)
+  if policy is None or not drafter:
+    return jax.lax.while_loop(going, step, state)
+
+  # While every row chooses plain steps, run them in an inner loop whose body is an AR step:
+  # the drafter's cond and the verify switch cost ~6% of a step when every branch is skipped.
+  def body(s: LoopState) -> LoopState:
+    s = step(s)
+    plain = lambda s: going(s) & jnp.all(s.chosen == 0)
+    return jax.lax.while_loop(plain, functools.partial(step, plain=True), s)
+
+  return jax.lax.while_loop(going, body, state)
 
 
 _COMPILED: dict = {}
