@@ -5,9 +5,9 @@
     cm.verify[T - 1]                     # c(T): a verify of T tokens in units of a one-token step
     cm.draft                             # one propose, in the same unit
 
-Every forward is timed as the decode loop runs it: several forwards in one jitted
-`fori_loop` that carries the KV cache (a bare jitted call would also time a copy
-of the cache). The curve is made non-decreasing (running max) so that timing noise
+Every verify is timed as the decode loop runs it (`decode.verify_ms`: the forward, the
+verify switch and the accept rule), several in one jitted `fori_loop` that carries the
+KV cache (a bare jitted call would also time a copy of the cache). The curve is made non-decreasing (running max) so that timing noise
 never makes a longer verify look cheaper, and c(1) = 1 by definition.
 
 Cached as JSON under $SPECJAX_CACHE (default ~/.cache/specjax), beside the compiled
@@ -34,7 +34,7 @@ import numpy as np
 from specjax.drafters.base import Context, Drafter
 from specjax.sampling import Sampling
 
-FORMAT = 2  # 2: a drafter step is propose + update
+FORMAT = 3  # 2: a drafter step is propose + update; 3: verify timed as the loop runs it
 K_MAX = 8  # drafts per step the default curve covers (it grows when a drafter needs more)
 CONTEXT = 256  # cached tokens behind every timed forward
 _MEASURED_T = (1, 2, 3, 4, 5, 6)  # timed exactly; beyond these only the last T, in between interpolated
@@ -245,9 +245,12 @@ def _write(path: str, data: dict) -> None:
 
 
 def measure_verify(model, t_max: int, repeats: int = 3, n: int = 4) -> list[float]:
-  """forward(T) ms for T = 1 .. t_max: T in _MEASURED_T and t_max timed, the rest interpolated."""
+  """Verify step ms for T = 1 .. t_max tokens (T - 1 drafts), as the decode loop runs it (accept
+  rule and switch included: ~0.1 forward more than a bare forward(3) here, which the policy
+  would otherwise leave out): T in _MEASURED_T and t_max timed, the rest interpolated."""
+  from specjax.decode import verify_ms  # decode imports this module
   ts = sorted({t for t in _MEASURED_T if t <= t_max} | {t_max})
-  ms = [forward_ms(model, CONTEXT, t, repeats, n) for t in ts]
+  ms = [verify_ms(model, t - 1, CONTEXT, repeats, n) for t in ts]
   return np.interp(np.arange(1, t_max + 1), ts, ms).tolist()
 
 
@@ -270,10 +273,10 @@ def cost_model(model, drafter: Drafter | None = None, *, k_max: int = K_MAX, ref
   dirty = False
   if data is None or len(data["verify"]) < k_max + 1:
     fwd = measure_verify(model, k_max + 1)
-    data = {"key": key, "forward_ms": fwd, "verify": list(monotone_curve(fwd)), "draft": {}}
+    data = {"key": key, "verify_ms": fwd, "verify": list(monotone_curve(fwd)), "draft": {}}
     dirty = True
   if dkey is not None and dkey not in data["draft"]:
-    data["draft"][dkey] = propose_ms(model, drafter, CONTEXT, repeats=3) / data["forward_ms"][0]
+    data["draft"][dkey] = propose_ms(model, drafter, CONTEXT, repeats=3) / data["verify_ms"][0]
     dirty = True
   if dirty:
     _write(path, data)

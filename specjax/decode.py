@@ -130,9 +130,12 @@ def _judge(logits, drafts, q, sampling, keys, check_nan, k):
   """Accept rule, emitted tokens' log-probs and the NaN check for a verify over n = drafts.shape[1]
   drafts, padded to k: (n_acc [B], out [B, k+1] (-1 padded), logp [B, k+1], nan [B])."""
   n = drafts.shape[1]
-  nan = jnp.any(jnp.isnan(logits), axis=(1, 2)) if check_nan else jnp.zeros(logits.shape[:1], bool)
+  # One pass over [B, n+1, V] gives both: a NaN logit makes its row's logsumexp NaN, and
+  # log p(x) = logit(x) - logsumexp (a full log_softmax would be materialised, then gathered).
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, n+1]
+  nan = jnp.any(jnp.isnan(lse), axis=1) if check_nan else jnp.zeros(logits.shape[:1], bool)
   n_acc, out = accept_chain(logits, drafts, q, sampling, keys)
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), jnp.maximum(out, 0)[..., None], axis=-1)[..., 0]
+  logp = jnp.take_along_axis(logits, jnp.maximum(out, 0)[..., None], axis=-1)[..., 0] - lse
   pad = lambda x, v: jnp.pad(x, [(0, 0), (0, k - n)], constant_values=v)
   return n_acc, pad(out, -1), pad(logp, 0.0), nan
 
@@ -272,6 +275,34 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
     return jax.lax.while_loop(plain, functools.partial(step, plain=True), s)
 
   return jax.lax.while_loop(going, body, state)
+
+
+def verify_ms(model: Model, drafts: int, context: int, repeats: int, n: int = 8) -> float:
+  """One loop step's verify of `drafts` drafts (batch 1, greedy, after `context` cached tokens),
+  timed as the loop runs it: a plain step (0 drafts) is the AR step, a drafting one goes through
+  the verify switch (written-after K/V, features padded) and the accept rule; n steps in one
+  jitted loop that carries the cache. The cost model's curve is made of these."""
+  sizes = (0,) if drafts == 0 else (0, drafts)  # one branch runs; a 2-way switch compiles fast
+  max_len = _round_up(context + drafts + 2, 128)
+  cache = model.new_cache(1, max_len).replace(lengths=jnp.array([context], jnp.int32))
+  tokens = jnp.full((1, drafts + 1), 7, jnp.int32)  # greedy rejects or accepts alike: same work
+  pos = context + jnp.arange(drafts + 1, dtype=jnp.int32)[None]
+  keys = jax.random.split(jax.random.key(0), 1)
+
+  @jax.jit
+  def run(params, cache):
+    module = nnx.merge(model.graphdef, params)
+
+    def body(_, carry):
+      cache, acc = carry
+      (n_acc, out, logp, nan), written, feats, _ = _verify(
+          module, tokens, pos, cache, (), sizes, tokens[:, 1:], None, Sampling(), keys, True)
+      return written.replace(lengths=cache.lengths), acc + logp[0, 0] + n_acc[0] + feats["hidden"][0, 0, 0]
+
+    return jax.lax.fori_loop(0, n, body, (cache, jnp.float32(0)))[1]
+
+  from specjax.cost_model import best_ms  # the one timing helper (cost_model imports this module lazily)
+  return best_ms(lambda: jax.block_until_ready(run(model.params, cache)), repeats) / n
 
 
 _COMPILED: dict = {}

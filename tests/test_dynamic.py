@@ -78,7 +78,7 @@ def test_curve_is_monotone_from_one_and_cached(cache, model, monkeypatch):
   assert os.path.dirname(path) == str(cache) and os.path.exists(path)
   # The second use reads the file: nothing is timed.
   monkeypatch.setattr(cm_lib, "_LOADED", {})
-  monkeypatch.setattr(cm_lib, "forward_ms", lambda *a, **k: pytest.fail("re-measured a cached curve"))
+  monkeypatch.setattr(cm_lib, "measure_verify", lambda *a, **k: pytest.fail("re-measured a cached curve"))
   assert sj.cost_model(model) == cm
 
 
