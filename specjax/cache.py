@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from specjax import kernels
+
 
 @struct.dataclass
 class KVCache:
@@ -58,6 +60,26 @@ def write(layer_cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Arra
     return jax.lax.dynamic_update_slice(layer_cache, new, (0, 0, starts[0], 0))
   upd = lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0))
   return jax.vmap(upd)(layer_cache, new, starts)
+
+
+def compact(layer_cache: jax.Array, path: jax.Array, starts: jax.Array) -> jax.Array:
+  """Moves a tree's accepted path into contiguous slots, per row, in place.
+
+  A tree verify wrote node i of row b at slot starts[b] + i; the accepted path is
+  path [B, D+1] (node ids, root 0 first, -1 past the accepted depth). Afterwards slot
+  starts[b] + d holds the K/V of path[b, d]. Slots past the accepted depth hold
+  whatever was there (they are beyond the row's length once it advances). Reading all
+  D+1 sources before writing makes the order of moves irrelevant.
+
+      slots after starts:  0 1 2 3 4 5        path = [0, 2, 5]
+      before               r a b c d e        (r root; b child of r; e child of b)
+      after                r b e c d e
+  """
+  d = jnp.arange(path.shape[1])[None, :]
+  src = starts[:, None] + jnp.where(path >= 0, path, d)  # [B, D+1]; padding copies onto itself
+  src = jnp.minimum(src, layer_cache.shape[2] - 1)
+  moved = jnp.take_along_axis(layer_cache, src[:, None, :, None], axis=2)  # [B, K, D+1, H]
+  return kernels.cache_write(layer_cache, jnp.swapaxes(moved, 1, 2), starts)
 
 
 def advance(cache: KVCache, n: jax.Array) -> KVCache:

@@ -262,7 +262,7 @@ def cost_model(model, drafter: Drafter | None = None, *, k_max: int = K_MAX, ref
   (a few seconds per curve, a second per drafter) and cached; see the module docstring.
 
   k_max: drafts per step the curve must cover (at least the drafter's k); refresh: measure again."""
-  k_max = max(k_max, drafter.k if drafter is not None else 0)
+  k_max = max(k_max, drafter.nodes if drafter is not None else 0)
   key = machine_key(model)
   path = cache_path(model)
   dkey = drafter_key(drafter) if drafter is not None else None

@@ -28,7 +28,7 @@ from specjax import kernels
 from specjax.kernels import cache_write
 from specjax.models.model import Model
 from specjax.sampling import Sampling
-from specjax.verify import accept_chain
+from specjax.verify import accept_chain, accept_tree
 
 
 @struct.dataclass
@@ -174,6 +174,8 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
   module = nnx.merge(static.graphdef, params)
   drafter = static.drafter
   k = drafter.k if drafter else 0
+  tree = drafter.tree if drafter else None  # a tree drafter: k = its depth, nodes = its size - 1
+  nodes = drafter.nodes if drafter else 0
   feature_layers = drafter.feature_layers if drafter else ()
   policy = static.policy
   if policy is not None:
@@ -213,21 +215,30 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
         def skip(d):  # no row verifies a draft: the drafter is not asked
           shapes = jax.eval_shape(propose, d)
           q0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[2])
-          return d, jnp.full((B, k), -1, jnp.int32), q0
+          return d, jnp.full((B, nodes), -1, jnp.int32), q0
 
         dstate, drafts, q = jax.lax.cond(proposed, propose, skip, s.dstate)
         chosen = policy.trim(chosen, drafts, q)
-        drafts = jnp.where(jnp.arange(k)[None, :] < chosen[:, None], drafts, -1)
+        keep = (chosen > 0)[:, None] if tree else jnp.arange(k)[None, :] < chosen[:, None]  # a tree: all or none
+        drafts = jnp.where(keep, drafts, -1)
         proposed = proposed.astype(jnp.int32)
       drafts = jnp.where(active[:, None], drafts, -1)  # finished rows ask for no verify work
       step_sizes = sizes
     else:
       dstate, drafts, q, step_sizes = s.dstate, jnp.zeros((B, 0), jnp.int32), None, (0,)
     tokens = jnp.concatenate([last[:, None], drafts], axis=1)
-    pos = s.cache.lengths[:, None] + jnp.arange(width + 1)[None, :]
-    (n_acc, out, logp, nan), cache, feats, size_idx = _verify(
-        module, tokens, pos, s.cache, feature_layers, step_sizes, drafts, q, static.sampling,
-        _row_keys(seeds, s.step, 2), static.check_nan)
+    if tree is not None and not plain:
+      (n_acc, out, logp, nan), cache, feats = _verify_tree(
+          module, tokens, s.cache, feature_layers, tree, drafter.tree_mode, q, static.sampling,
+          _row_keys(seeds, s.step, 2), static.check_nan)
+      size_idx = jnp.int32(len(step_sizes) - 1)
+      verified = jnp.where(jnp.any(drafts >= 0, axis=1), k, 0)  # [B] depths each row had checked
+    else:
+      pos = s.cache.lengths[:, None] + jnp.arange(width + 1)[None, :]
+      (n_acc, out, logp, nan), cache, feats, size_idx = _verify(
+          module, tokens, pos, s.cache, feature_layers, step_sizes, drafts, q, static.sampling,
+          _row_keys(seeds, s.step, 2), static.check_nan)
+      verified = jnp.sum(jnp.cumprod(drafts >= 0, axis=1), axis=1)  # [B] drafts each row had checked
     if width < k:  # the state carries the features of k + 1 tokens
       feats = jax.tree.map(lambda x: jnp.pad(x, [(0, 0), (0, k - width)] + [(0, 0)] * (x.ndim - 2)), feats)
     # Truncate at EOS and at max_new_tokens, both possibly inside the accepted block.
@@ -247,7 +258,6 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
     counted = active & ~nan
     ii = jnp.arange(kk)[None, :]
     reached = s.reached + (counted[:, None] & (ii < jnp.minimum(chosen, width)[:, None]) & (ii <= n_acc[:, None]))
-    verified = jnp.sum(jnp.cumprod(drafts >= 0, axis=1), axis=1)  # [B] drafts each row had checked
     est, next_chosen = s.est, chosen
     if policy is not None:
       est = policy.observe(s.est, verified, n_acc, counted)
@@ -303,6 +313,29 @@ def verify_ms(model: Model, drafts: int, context: int, repeats: int, n: int = 8)
 
   from specjax.cost_model import best_ms  # the one timing helper (cost_model imports this module lazily)
   return best_ms(lambda: jax.block_until_ready(run(model.params, cache)), repeats) / n
+
+
+def _verify_tree(module, tokens, cache, feature_layers, tree, mode, q, sampling, keys, check_nan):
+  """Target forward over [last, N tree nodes] (`tree.Tree`: node i at slot length + i and
+  position length + depth(i), seeing the prefix and its ancestors), the tree accept rule,
+  and compaction of the accepted path into contiguous slots: -> (n_acc, out, logp, nan) as
+  `_judge` gives them with k = the tree's depth, the cache, and the features along the path."""
+  B = tokens.shape[0]
+  pos = cache.lengths[:, None] + jnp.asarray(tree.depth, jnp.int32)[None, :]
+  logits, written, feats = module(jnp.maximum(tokens, 0), pos, cache, tree_mask=jnp.asarray(tree.mask),
+                                  feature_layers=feature_layers)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, N+1]; NaN where a node's logits hold one
+  nan = jnp.any(jnp.isnan(lse), axis=1) if check_nan else jnp.zeros((B,), bool)
+  n_acc, path, out = accept_tree(logits, tokens, jnp.asarray(tree.children), q, sampling, keys, mode=mode,
+                                 max_depth=tree.max_depth)
+  at = jnp.maximum(path, 0)  # [B, D+1]: the node whose logits drew each emitted token
+  logp = (jnp.take_along_axis(jnp.take_along_axis(logits, at[:, :, None], axis=1), jnp.maximum(out, 0)[..., None],
+                              axis=-1)[..., 0] - jnp.take_along_axis(lse, at, axis=1))
+  logp = jnp.where(out >= 0, logp, 0.0)
+  written = written.replace(k=tuple(cache_lib.compact(c, path, cache.lengths) for c in written.k),
+                            v=tuple(cache_lib.compact(c, path, cache.lengths) for c in written.v))
+  feats = jax.tree.map(lambda x: jnp.take_along_axis(x, at.reshape(at.shape + (1,) * (x.ndim - 2)), axis=1), feats)
+  return (n_acc, out, logp, nan), written, feats
 
 
 _COMPILED: dict = {}
@@ -402,11 +435,11 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
   ids = _prepare_prompts(model, prompts, chat)
-  k = 0
+  k = nodes = 0
   if drafter is not None:
     if not isinstance(drafter, Drafter):
       raise ValueError(f"drafter must be None or a specjax drafter (make_drafter), got {type(drafter).__name__}")
-    k = drafter.k
+    k, nodes = drafter.k, drafter.nodes  # nodes: drafted tokens one verify holds (a tree's N; k for a chain)
     if drafter.vocab_size is not None and drafter.vocab_size != model.config.vocab_size:
       raise ValueError(f"drafter vocabulary {drafter.vocab_size} != target vocabulary {model.config.vocab_size}; "
                        "a drafter must share the target's tokenizer")
@@ -421,28 +454,36 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
     t0 = time.perf_counter()
     if isinstance(dynamic, dynamic_lib.Policy):
       policy = dynamic
-      policy.cost.check_k(k)
+      policy.cost.check_k(nodes)
       if policy.sizes[0] != 0 or max(policy.sizes) > k or list(policy.sizes) != sorted(set(policy.sizes)):
         raise ValueError(f"dynamic policy sizes={policy.sizes} must be increasing, start at 0 and end <= k={k}")
+      if drafter.tree is not None and policy.sizes != (0, k):
+        raise ValueError(f"dynamic policy sizes={policy.sizes}: a tree drafter verifies its whole tree or "
+                         f"nothing, sizes=(0, {k})")
     else:
       cm = cost_model(model, drafter) if dynamic is True else dynamic
-      cm.check_k(k)
-      policy = dynamic_lib.Policy(CostModel(cm.verify[:k + 1], cm.draft), verify_sizes(k, dynamic=True))
+      cm.check_k(nodes)
+      cost = CostModel(cm.verify[:nodes + 1], cm.draft)
+      if drafter.tree is None:
+        policy = dynamic_lib.Policy(cost, verify_sizes(k, dynamic=True))
+      else:  # plain, or the whole tree: its depth k priced as a verify of its nodes
+        policy = dynamic_lib.Policy(cost, (0, k), verify_tokens=(1, nodes + 1))
     setup_s = time.perf_counter() - t0
   seeds = [seed] * len(ids) if isinstance(seed, (int, np.integer)) else list(seed)
   if len(seeds) != len(ids) or not all(isinstance(s, (int, np.integer)) for s in seeds):
     raise ValueError(f"seed must be an int or one int per prompt ({len(ids)}), got {seed!r}")
   longest = max(map(len, ids))
-  need = longest + max_new_tokens + k + 1
+  need = longest + max_new_tokens + nodes + 1
   if cache_len is not None:
     if need > cache_len:
-      raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + k={k} drafts needs "
+      raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + {nodes} drafted "
+                       f"{'tree nodes' if drafter is not None and drafter.tree is not None else 'tokens (k)'} needs "
                        f"{need} cache slots > cache_len={cache_len}; shorten the prompt or raise cache_len")
     max_len = cache_len
   else:
     max_len = _round_up(need, 128)
   if need > model.config.max_context:
-    raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + k={k} needs {need} positions, "
+    raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + {nodes} drafted needs {need} positions, "
                      f"beyond the model's context of {model.config.max_context}; shorten the prompt")
   B = len(ids)
   Bp, P = _bucket_batch(B), min(_round_up(longest, 64), max_len)  # the padded prompt must fit the cache

@@ -67,6 +67,13 @@ class Policy:
 
   cost: CostModel
   sizes: tuple[int, ...]
+  # Tokens one verify of each size holds (default n + 1; a tree drafter's sizes are depths
+  # (0, D), verified as 1 and N + 1 tokens).
+  verify_tokens: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if self.verify_tokens is not None and len(self.verify_tokens) != len(self.sizes):
+      raise ValueError(f"Policy verify_tokens={self.verify_tokens} needs one entry per size in {self.sizes}")
 
   def expected_tokens(self, est: Estimates) -> jax.Array:
     """E(n) [B, len(sizes)]: expected tokens emitted by a step verifying each size."""
@@ -76,7 +83,9 @@ class Policy:
 
   def step_costs(self) -> jax.Array:
     """cost(n) [len(sizes)] in one-token forwards: the verify, and a drafter step when n > 0."""
-    return jnp.asarray([self.cost.c(n + 1) + (self.cost.draft if n else 0.0) for n in self.sizes], jnp.float32)
+    tokens = self.verify_tokens or tuple(n + 1 for n in self.sizes)
+    return jnp.asarray([self.cost.c(t) + (self.cost.draft if n else 0.0) for n, t in zip(self.sizes, tokens)],
+                       jnp.float32)
 
   def choose(self, est: Estimates) -> jax.Array:
     """Drafts to verify per row [B]: the size with the most expected tokens per unit cost."""

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from scipy import stats
 
 import specjax as sj
 from specjax import dynamic, testing
@@ -178,37 +177,6 @@ class PeekingPolicy(dynamic.Policy):
     return jnp.where(drafts[:, 0] % 2 == 0, n, 0)
 
 
-def _exact_law(model, prompt, sampling):
-  """P(x_1 .. x_N_TOKENS) [V8]*N of the target under the warped policy, in float64."""
-  Vs = model.config.vocab_size
-
-  def p(prefix):
-    q = np.asarray(sj.warp(sj.forward_logits(model, list(prompt) + list(prefix))[-1], sampling), np.float64)
-    return q / q.sum()
-
-  law = np.zeros((Vs,) * N_TOKENS)
-  p1 = p([])
-  for a in range(Vs):
-    p2 = p([a])
-    for b in range(Vs):
-      law[a, b] = p1[a] * p2[b] * p([a, b])
-  return law
-
-
-def _pvalue(samples, law):
-  """Chi-square of samples [N, n] against law [V]*n; cells expected < 5 pooled."""
-  Vs = law.shape[0]
-  counts = np.bincount(np.ravel_multi_index(samples.T, law.shape), minlength=law.size)
-  expected = law.ravel() / law.sum() * len(samples)
-  if counts[expected == 0].sum():
-    return 0.0
-  big = expected >= 5
-  obs, exp = list(counts[big]), list(expected[big])
-  if (~big).any():
-    obs.append(counts[~big].sum()), exp.append(expected[~big].sum())
-  return float(stats.chisquare(obs, exp).pvalue)
-
-
 @pytest.fixture(scope="module")
 def small_vocab():
   model = testing.tiny_model(seed=3, scale=2.0, vocab_size=8)
@@ -223,7 +191,7 @@ def _sample_law(small_vocab, policy_cls):
   out = sj.generate(model, [prompt] * N_ROWS, drafter=drafter, sampling=sampling, max_new_tokens=N_TOKENS + 1,
                     seed=list(range(N_ROWS)), stop_ids=(), dynamic=policy)
   samples = np.asarray([t[:N_TOKENS] for t in out.tokens])
-  return samples, _exact_law(model, prompt, sampling), out.stats
+  return samples, testing.exact_law(model, prompt, sampling, N_TOKENS), out.stats
 
 
 def test_dynamic_is_lossless_at_temperature_one(small_vocab):
@@ -231,14 +199,14 @@ def test_dynamic_is_lossless_at_temperature_one(small_vocab):
   # The choice varied with each row's past: several sizes ran, rows differ.
   assert len(st["steps_by_drafts"]) >= 2
   assert len({tuple(sorted(r["steps_by_drafts"].items())) for r in st["rows"][:200]}) >= 3
-  pvalues = {n: _pvalue(samples[:, :n], law.sum(axis=tuple(range(n, N_TOKENS)))) for n in (1, 2, 3)}
+  pvalues = {n: testing.gof_pvalue(samples[:, :n], law.sum(axis=tuple(range(n, N_TOKENS)))) for n in (1, 2, 3)}
   print(f"\ndynamic, T=1: chi-square p-values by number of tokens {pvalues}")
   assert min(pvalues.values()) >= 1e-3, pvalues
 
 
 def test_a_policy_that_peeks_at_the_drafts_is_caught(small_vocab):
   samples, law, _ = _sample_law(small_vocab, PeekingPolicy)
-  pvalues = {n: _pvalue(samples[:, :n], law.sum(axis=tuple(range(n, N_TOKENS)))) for n in (1, 2, 3)}
+  pvalues = {n: testing.gof_pvalue(samples[:, :n], law.sum(axis=tuple(range(n, N_TOKENS)))) for n in (1, 2, 3)}
   print(f"\npeeking policy, T=1: chi-square p-values by number of tokens {pvalues}")
   assert min(pvalues.values()) < 1e-6, f"the test missed a policy that looks at the drafts ({pvalues})"
 

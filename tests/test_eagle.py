@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from scipy import stats
 
 import specjax as sj
 from specjax import cache as cache_lib
@@ -73,18 +72,6 @@ def test_drafts_match_the_training_unroll(kind, layers):
     assert float(q[0, j].sum() - q[0, j, d.weights["d2t"]].sum()) == 0.0  # no mass outside d2t
 
 
-def _chi2_pvalue(samples, law):
-  counts = np.bincount(samples, minlength=len(law))
-  expected = law / law.sum() * len(samples)
-  if counts[expected == 0].sum():
-    return 0.0  # emitted a token the target law forbids
-  big = expected >= 5
-  obs, exp = list(counts[big]), list(expected[big])
-  if (~big & (expected > 0)).any():
-    obs.append(counts[~big].sum()), exp.append(expected[~big].sum())
-  return float(stats.chisquare(obs, exp).pvalue)
-
-
 @pytest.mark.parametrize("sampling,confident", [(sj.Sampling(temperature=1.0), False),
                                                  (sj.Sampling(temperature=0.8, top_k=20), False),
                                                  (sj.Sampling(temperature=1.0), True)])
@@ -126,9 +113,9 @@ def test_lossless_first_token_chi_square(sampling, confident):
   if confident:  # every row drafted once, about half of them a second time
     assert (draft0 >= 0).all() and 0.3 < (drafts[:, 1] < 0).mean() < 0.7
   assert 0.05 < (n_acc > 0).mean() < 0.95  # both the accept and the residual paths ran
-  assert _chi2_pvalue(first, law) > 1e-3
+  assert testing.gof_pvalue(first, law) > 1e-3
   # The check has power: the drafts themselves (q's law, not p's) fail it.
-  assert _chi2_pvalue(draft0, law) < 1e-6
+  assert testing.gof_pvalue(draft0, law) < 1e-6
 
 
 def _median_second_top(model, d, sampling) -> float:

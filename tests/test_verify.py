@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from specjax import testing
 from specjax.sampling import Sampling, sample, warp
 from specjax.verify import accept_chain
 
@@ -122,31 +123,7 @@ def exact_law(target, sampling, n_tokens):
   return law
 
 
-def gof_pvalue(samples, law):
-  """Chi-square goodness of fit of samples [N, n] to law [V]*n; cells with expected < 5 pooled.
-
-  An emitted id outside [0, V) or in a cell of probability 0 gives p-value 0.
-  """
-  n_seeds, n_tokens = samples.shape
-  if samples.min() < 0 or samples.max() >= V:
-    return 0.0
-  counts = np.bincount(np.ravel_multi_index(samples.T, (V,) * n_tokens), minlength=V**n_tokens)
-  expected = law.ravel() / law.sum() * n_seeds
-  if counts[expected == 0].sum():
-    return 0.0
-  big = expected >= 5
-  obs, exp = list(counts[big]), list(expected[big])
-  small = (~big) & (expected > 0)
-  if small.any():
-    if expected[small].sum() >= 5:
-      obs.append(counts[small].sum()), exp.append(expected[small].sum())
-    else:  # too little to stand alone: pool it into the smallest big cell
-      j = int(np.argmin(exp))
-      obs[j] += counts[small].sum()
-      exp[j] += expected[small].sum()
-  if len(obs) < 2:
-    return 1.0
-  return float(stats.chisquare(obs, exp).pvalue)
+gof_pvalue = testing.gof_pvalue  # the shared goodness-of-fit test
 
 
 def disjoint_tables(seed):

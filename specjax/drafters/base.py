@@ -6,6 +6,7 @@ pytree of arrays passed to jit as an argument, never baked in as constants):
 
   init(weights, ctx, sampling, max_len)   -> dstate   (ctx.history = padded prompt [B, P])
   propose(weights, dstate, ctx, keys, sampling) -> (dstate, tokens [B, k], q [B, k, V] | None)
+                                                    (a tree drafter: tokens [B, N], q [B, N+1, V] | None)
   update(weights, dstate, ctx, n_acc)     -> dstate   (ctx after the commit)
 
 With dynamic speculation the engine calls propose only on steps where some row verifies
@@ -56,10 +57,20 @@ class Drafter:
   tokenizer_fingerprint: str | None = dataclasses.field(default=None, compare=False)
   feature_layers: tuple[int, ...] = ()
   may_pad = False  # True when propose may return fewer than k drafts (-1 padded)
+  # A tree drafter (`tree.Tree`, static): propose returns tokens [B, N] for nodes 1..N
+  # (-1 = absent) and k is the tree's depth; tree_mode says how children were drawn
+  # (`verify.accept_tree`). None: a chain of k.
+  tree = None
+  tree_mode = "topk"
 
   def __post_init__(self):
     if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
       raise ValueError(f"k={self.k!r} must be an int >= 1 (the number of drafted tokens per step)")
+
+  @property
+  def nodes(self) -> int:
+    """Drafted tokens one verify holds: k for a chain, N for a tree."""
+    return self.k if self.tree is None else self.tree.num_nodes
 
   def init(self, weights, ctx: Context, sampling, max_len: int):
     return ()

@@ -9,11 +9,14 @@ search.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from specjax.drafters.base import Context, Drafter
+from specjax.tree import Tree
 
 
 def propose_ngram(history: jax.Array, length: jax.Array, k: int, max_n: int, min_n: int,
@@ -42,6 +45,41 @@ def propose_ngram(history: jax.Array, length: jax.Array, k: int, max_n: int, min
   return jnp.where(ok, history[jnp.clip(pos, 0, S - 1)], -1).astype(jnp.int32)
 
 
+def propose_ngram_branches(history: jax.Array, length: jax.Array, k: int, branches: int, max_n: int, min_n: int,
+                           short_k: int | None = None) -> jax.Array:
+  """history [S], length [] -> drafts [branches, k]: the continuations of up to `branches`
+  earlier matches of the row's suffix with distinct first tokens, best first (longest
+  suffix matched, then most recent), -1 where nothing is proposed. Branch 0 is what
+  `propose_ngram` proposes; the others become its siblings in a tree.
+
+  Each history position i gets score n * S + i for the longest n (min_n .. max_n) whose
+  match ends right before i; branches are picked by argmax, each time ruling out the
+  positions whose token repeats a picked first token (a duplicate sibling only wastes
+  a verify row: the tree rule would reject it for certain)."""
+  S = history.shape[0]
+  idx = jnp.arange(S)
+  score = jnp.full((S,), -1, jnp.int32)  # at the position right after the match
+  for n in range(min_n, max_n + 1):
+    suffix = jax.lax.dynamic_slice(history, (jnp.maximum(length - n, 0),), (n,))
+    match = jnp.ones((S,), bool)
+    for j in range(n):
+      match &= jnp.roll(history, -j) == suffix[j]
+    start_ok = (idx + n < length) & (length >= n + 1)
+    after = jnp.roll(match & start_ok, n)  # match starting at i -> its continuation at i + n
+    score = jnp.where(after & (idx >= n), n * S + idx, score)
+  rows = []
+  for _ in range(branches):
+    best = jnp.argmax(score)
+    found = score[best] >= 0
+    n = score[best] // S
+    count = jnp.where(n == 1, k if short_k is None else short_k, k)
+    pos = best + jnp.arange(k)
+    ok = found & (pos < length) & (jnp.arange(k) < count)
+    rows.append(jnp.where(ok, history[jnp.clip(pos, 0, S - 1)], -1))
+    score = jnp.where(found & (history == history[best]), -1, score)
+  return jnp.stack(rows).astype(jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class NGram(Drafter):
   """Prompt lookup: suffixes of max_n..min_n tokens, longest first; a match of a single
@@ -56,6 +94,9 @@ class NGram(Drafter):
   max_n: int = 4
   min_n: int = 3
   short_k: int = 1
+  # > 1: a tree of that many branches (chains of k) from the root, the continuations of
+  # earlier matches with distinct first tokens (`propose_ngram_branches`), verified at once.
+  branches: int = 1
   name = "ngram"
   may_pad = True
 
@@ -65,7 +106,30 @@ class NGram(Drafter):
       raise ValueError(f"n-gram sizes min_n={self.min_n}, max_n={self.max_n} must satisfy 1 <= min_n <= max_n")
     if not 1 <= self.short_k <= self.k:
       raise ValueError(f"short_k={self.short_k} (drafts after a 1-token match) must be in [1, k={self.k}]")
+    if isinstance(self.branches, bool) or not isinstance(self.branches, int) or self.branches < 1:
+      raise ValueError(f"branches={self.branches!r} must be an int >= 1 (1: a chain; more: a tree of branches)")
+
+  @property
+  def tree(self):
+    return None if self.branches == 1 else _branch_tree(self.branches, self.k)
 
   def propose(self, weights, dstate, ctx: Context, keys, sampling):
-    fn = lambda h, n: propose_ngram(h, n, self.k, self.max_n, self.min_n, self.short_k)
-    return dstate, jax.vmap(fn)(ctx.history, ctx.length), None
+    if self.branches == 1:
+      fn = lambda h, n: propose_ngram(h, n, self.k, self.max_n, self.min_n, self.short_k)
+      return dstate, jax.vmap(fn)(ctx.history, ctx.length), None
+    fn = lambda h, n: propose_ngram_branches(h, n, self.k, self.branches, self.max_n, self.min_n, self.short_k)
+    drafts = jax.vmap(fn)(ctx.history, ctx.length)  # [B, branches, k]
+    branch, depth = _branch_nodes(self.branches, self.k)
+    return dstate, drafts[:, branch, depth], None
+
+
+@functools.cache
+def _branch_tree(branches: int, k: int) -> Tree:
+  return Tree.from_paths([(b,) + (0,) * d for b in range(branches) for d in range(k)])
+
+
+@functools.cache
+def _branch_nodes(branches: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """(branch, depth - 1) of each drafted node 1..N of `_branch_tree`, in the tree's node order."""
+  choices = _branch_tree(branches, k).choices[1:]
+  return np.array([c[0] for c in choices]), np.array([len(c) - 1 for c in choices])

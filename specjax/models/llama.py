@@ -93,6 +93,24 @@ def causal_mask(lengths: jax.Array, num_new: int, max_len: int) -> jax.Array:
   return slots <= limit
 
 
+def tree_cache_mask(lengths: jax.Array, tree_mask: jax.Array, max_len: int) -> jax.Array:
+  """[B, T, S] for T tree nodes written at slots lengths[b] + t: node t sees the row's
+  prefix (slots < lengths[b]) and the nodes tree_mask [T, T] or [B, T, T] says it sees
+  (itself and its ancestors). A chain's tree mask is lower-triangular: `causal_mask`.
+
+      slot:   0 1 2 | 3 4 5        (lengths[b] = 3; node 1 and node 2 are children of node 0)
+      t=0     x x x | x . .
+      t=1     x x x | x x .
+      t=2     x x x | x . x
+  """
+  B, T = lengths.shape[0], tree_mask.shape[-1]
+  tm = jnp.broadcast_to(tree_mask.astype(bool), (B, T, T))
+  rel = jnp.arange(max_len)[None, :] - lengths[:, None]  # [B, S] slot - prefix
+  inside = (rel >= 0) & (rel < T)
+  node = jnp.take_along_axis(tm, jnp.broadcast_to(jnp.clip(rel, 0, T - 1)[:, None, :], (B, T, max_len)), axis=2)
+  return (rel < 0)[:, None, :] | (inside[:, None, :] & node)
+
+
 def _split_mask(mask: jax.Array, starts: jax.Array, num_new: int) -> jax.Array:
   """A [B, T, S] mask over cache slots, where the new tokens go to slots starts[b] + t,
   as [B, T, S + T]: the slots before starts[b], then the new tokens themselves."""
@@ -167,7 +185,8 @@ class Llama(nnx.Module):
     return dense(hidden, self.head[...], packed.get("head")).astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: cache_lib.KVCache,
-               mask: jax.Array | None = None, *, logit_index: jax.Array | None = None,
+               mask: jax.Array | None = None, *, tree_mask: jax.Array | None = None,
+               logit_index: jax.Array | None = None,
                feature_layers: Sequence[int] = (), layer_limit: int | None = None, write_cache: bool = True,
                attend: int | None = None):
     """Runs T new tokens per row through the model.
@@ -178,6 +197,9 @@ class Llama(nnx.Module):
       cache: K/V are written at slots cache.lengths[b] + t; lengths are NOT
         advanced (the caller commits what it accepts with cache.advance).
       mask: [B, T, S] bool, which cache slots each new token sees; default causal.
+      tree_mask: [T, T] or [B, T, T] bool instead of `mask`: the T tokens are tree nodes
+        (node t sees node j where tree_mask[.., t, j]; `tree.Tree.mask`), all seeing the
+        row's prefix; positions carry each node's depth (lengths[b] + depth).
       logit_index: optional [B, M] indices into T: only those positions get logits
         (prefill needs one per row, and the 49k-wide head is expensive).
       feature_layers: indices of blocks whose output (residual stream) to return.
@@ -195,12 +217,16 @@ class Llama(nnx.Module):
     """
     cfg = self.cfg
     B, T = tokens.shape
+    if mask is not None and tree_mask is not None:
+      raise ValueError("pass mask or tree_mask, not both")
     if mask is None and write_cache:
-      mask = causal_mask(cache.lengths, T, attend or cache.max_len)
+      mask = (causal_mask(cache.lengths, T, attend or cache.max_len) if tree_mask is None
+              else tree_cache_mask(cache.lengths, tree_mask, cache.max_len))
     elif mask is None:
       prefix = jnp.arange(cache.max_len)[None, None, :] < cache.lengths[:, None, None]
+      own = jnp.tril(jnp.ones((T, T), bool)) if tree_mask is None else tree_mask.astype(bool)
       mask = jnp.concatenate([jnp.broadcast_to(prefix, (B, T, cache.max_len)),
-                              jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))], axis=-1)
+                              jnp.broadcast_to(own, (B, T, T))], axis=-1)
     x = jnp.take(self.embed[...], tokens, axis=0)
     blocks = list(self.blocks)[:layer_limit]
     new_k, new_v, feats = list(cache.k), list(cache.v), []
