@@ -7,17 +7,19 @@ from specjax.drafters.draft_model import DraftModel as DraftModel
 from specjax.drafters.eagle import Eagle as Eagle
 from specjax.drafters.ngram import NGram as NGram
 
-KNOWN = ("none", "ngram", "draft", "layerskip", "eagle1", "eagle3", "eagle2", "mtp", "medusa")
+KNOWN = ("none", "ngram", "ngram-tree", "draft", "layerskip", "eagle1", "eagle3", "eagle2", "mtp", "medusa")
 
 
 def _builders():
   from specjax.drafters import draft_model, eagle
   return {"ngram": lambda model, k, **o: NGram(k=k, **o),
+          # Prompt lookup as a tree: up to 3 earlier matches' continuations as sibling branches.
+          "ngram-tree": lambda model, k, **o: NGram(k=k, **{"branches": 3, **o}),
           "draft": draft_model.make,
           "eagle1": eagle.make("eagle1"), "eagle3": eagle.make("eagle3"), "mtp": eagle.make("mtp")}
 
 
-DEFAULT_K = {"ngram": 5, "draft": 3, "eagle1": 5, "eagle3": 5, "eagle2": 5, "mtp": 3, "medusa": 4, "layerskip": 4}
+DEFAULT_K = {"ngram": 5, "ngram-tree": 4, "draft": 3, "eagle1": 5, "eagle3": 5, "eagle2": 5, "mtp": 3, "medusa": 4, "layerskip": 4}
 
 
 def default_k(name: str) -> int:
