@@ -1,7 +1,8 @@
 """Tree specs and accept_tree: buffers against hand-drawn trees, every validation message,
 chi-square losslessness for each child-sampling mode (and three wrong rules it must catch),
-greedy against a brute-force walk, a one-path tree against accept_chain, and hypothesis
-properties of the output contract on random trees.
+greedy against a brute-force walk, the sampled modes against the textbook rule run from the
+same uniforms, a one-path tree against accept_chain, and hypothesis properties of the output
+contract on random trees (per-row parent arrays, absent nodes, bad ids).
 
 Losslessness. The toy target is an order-2 Markov chain over V tokens: a logit table
 T [V+1, V+1, V] indexed by the last two tokens (BOS = V pads the start), so the logits after a
@@ -205,9 +206,10 @@ def test_chain_refuses_and_the_cache_must_hold_the_nodes():
 
 def test_accept_tree_refuses_bad_inputs():
   logits, tokens = np.zeros((2, 4, V), np.float32), np.zeros((2, 4), np.int32)
-  children, q, keys = Tree.chain(3).children, np.full((2, 4, V), 1 / V, np.float32), jax.random.split(jax.random.key(0), 2)
-  call = functools.partial(accept_tree, sampling=T1, keys=keys)
-  with pytest.raises(ValueError, match=exact("mode='topK' must be one of ('topk', 'with_replacement', 'without_replacement')")):
+  children, q = Tree.chain(3).children, np.full((2, 4, V), 1 / V, np.float32)
+  call = functools.partial(accept_tree, sampling=T1, keys=jax.random.split(jax.random.key(0), 2))
+  modes = "('topk', 'with_replacement', 'without_replacement')"
+  with pytest.raises(ValueError, match=exact(f"mode='topK' must be one of {modes}")):
     call(logits, tokens, children, q, mode="topK")
   with pytest.raises(ValueError, match=exact("mode='with_replacement' draws children from q: pass q [B, N+1, V]")):
     call(logits, tokens, children, None, mode="with_replacement")
@@ -219,6 +221,8 @@ def test_accept_tree_refuses_bad_inputs():
     call(logits, tokens, children[1:], q, mode="topk")
   with pytest.raises(ValueError, match=exact("max_depth=-1 must be an int in [0, 65536)")):
     call(logits, tokens, children, q, mode="topk", max_depth=-1)
+  with pytest.raises(ValueError, match=exact("children (4, 32768) has 32768 sibling slots; at most 32767")):
+    call(logits, tokens, np.full((4, 2**15), -1, np.int32), q, mode="topk")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -710,8 +714,8 @@ def test_scenario_duplicates_zero_and_nan(mode):
 
 
 def test_static_and_per_row_children_agree():
-  case = dict(seed=3, sampling=T1, mode="without_replacement", shape="random", q_mode="random", token_mode="from_q", scale=1.0,
-              inf_frac=0.0, ties=False, bad_frac=0.1, bad_children=0.0)
+  case = dict(seed=3, sampling=T1, mode="without_replacement", shape="random", q_mode="random", token_mode="from_q",
+              scale=1.0, inf_frac=0.0, ties=False, bad_frac=0.1, bad_children=0.0)
   logits, tokens, _, q, keys, _ = build_tree_case(case)
   tree = Tree.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
   per_row = np.broadcast_to(tree.children, (ROWS,) + tree.children.shape)
