@@ -174,7 +174,7 @@ def _accept_tree_row(p, tokens, children, q, key, *, rule, max_depth):
 
   (node, alive, stop), kids = jax.lax.scan(depth_step, (jnp.int32(0), jnp.bool_(True), p[0]),
                                            jnp.arange(max_depth, dtype=jnp.int32))
-  stop = jnp.where(alive, p[node], stop)  # a leaf (or depth D): the bonus token from p there
+  stop = jnp.where(alive, p[node], stop)  # depth D reached: the bonus from p there (a leaf stops above, r = p)
   return kids, jnp.clip(sample(key_s, stop), 0, vocab - 1)
 
 
@@ -209,6 +209,8 @@ def _check_tree_inputs(logits, tokens, children, q, mode, max_depth):
     raise ValueError(f"q {q.shape} must be [B, N+1, V] like logits {logits.shape}")
   if not (isinstance(max_depth, int) and 0 <= max_depth < 2**16):
     raise ValueError(f"max_depth={max_depth!r} must be an int in [0, 65536)")
+  if children.shape[-1] >= 2**15:  # (sibling << 16 | depth) names each uniform's key
+    raise ValueError(f"children {children.shape} has {children.shape[-1]} sibling slots; at most 32767")
 
 
 def accept_tree(logits: jax.Array, tokens: jax.Array, children: jax.Array, q: jax.Array | None,
