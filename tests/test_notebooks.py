@@ -21,7 +21,7 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
 
 def test_notebooks_exist():
   names = [os.path.basename(p) for p in NOTEBOOKS]
-  for expected in ("01_speculative_sampling.ipynb", "02_drafters.ipynb", "03_tpu_quickstart.ipynb"):
+  for expected in ("01_speculative_sampling.ipynb", "02_drafters.ipynb", "03_tpu_quickstart.ipynb", "04_trees.ipynb"):
     assert expected in names
 
 
