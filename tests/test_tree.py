@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import test_properties  # random logits and draws, shared with accept_chain's properties
-import test_verify  # gof_pvalue, the chi-square harness of the chain rule (V = 8)
-from specjax import verify
+import test_verify  # V = 8 and peaked(), the chain rule's toy laws
+from specjax import testing, verify
 from specjax.sampling import Sampling, sample, warp
 from specjax.tree import Tree, children_from_parents, mask_from_parents
 from specjax.verify import accept_chain, accept_tree
@@ -338,7 +338,7 @@ def exact_law(target, sampling, n_tokens=3):
 
 def pvalues(samples, law):
   """Chi-square p-values of the first 1, 2 and 3 emitted tokens."""
-  return {n: test_verify.gof_pvalue(samples[:, :n], law.sum(axis=tuple(range(n, law.ndim))))
+  return {n: testing.gof_pvalue(samples[:, :n], law.sum(axis=tuple(range(n, law.ndim))))
           for n in range(1, samples.shape[1] + 1)}
 
 
