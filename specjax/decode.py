@@ -230,7 +230,7 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
     if tree is not None and not plain:
       (n_acc, out, logp, nan), cache, feats = _verify_tree(
           module, tokens, s.cache, feature_layers, tree, drafter.tree_mode, q, static.sampling,
-          _row_keys(seeds, s.step, 2), static.check_nan)
+          _row_keys(seeds, s.step, 2), static.check_nan, tree_sizes(tree, drafter.may_pad))
       size_idx = jnp.int32(len(step_sizes) - 1)
       verified = jnp.where(jnp.any(drafts >= 0, axis=1), k, 0)  # [B] depths each row had checked
     else:
@@ -287,6 +287,63 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
   return jax.lax.while_loop(going, body, state)
 
 
+def tree_sizes(tree, may_pad: bool) -> tuple[int, ...]:
+  """Node counts a tree verify is compiled for. Parents come before children in a Tree's
+  node order, so every prefix of it is a tree: a drafter that may leave nodes out (-1)
+  gets the smallest prefix covering every row's last proposed node (0: the root alone)."""
+  N = tree.num_nodes
+  if not may_pad:
+    return (N,)
+  return tuple(sorted({n for n in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48) if n < N} | {N}))
+
+
+def _verify_tree(module, tokens, cache, feature_layers, tree, mode, q, sampling, keys, check_nan, sizes):
+  """Target forward over [last, N tree nodes] (`tree.Tree`: node i at slot length + i and
+  position length + depth(i), seeing the prefix and its ancestors), the tree accept rule,
+  and compaction of the accepted path into contiguous slots: -> (n_acc, out, logp, nan) as
+  `_judge` gives them with k = the tree's depth, the cache, and the features along the path.
+  With several `sizes` (`tree_sizes`), the smallest node prefix covering every row's nodes
+  runs, inside a `lax.switch` that only reads the cache (as `_verify` does for chains)."""
+  N1, D = tree.size, tree.max_depth
+  pos = cache.lengths[:, None] + jnp.asarray(tree.depth, jnp.int32)[None, :]
+
+  def judge(logits, n):
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, n+1]; NaN where a node's logits hold one
+    nan = jnp.any(jnp.isnan(lse), axis=1) if check_nan else jnp.zeros(logits.shape[:1], bool)
+    children = np.where(tree.children[:n + 1] <= n, tree.children[:n + 1], -1)  # the prefix's own
+    n_acc, path, out = accept_tree(logits, tokens[:, :n + 1], jnp.asarray(children, jnp.int32),
+                                   None if q is None else q[:, :n + 1], sampling, keys, mode=mode, max_depth=D)
+    at = jnp.maximum(path, 0)  # [B, D+1]: the node whose logits drew each emitted token
+    logp = (jnp.take_along_axis(jnp.take_along_axis(logits, at[:, :, None], axis=1),
+                                jnp.maximum(out, 0)[..., None], axis=-1)[..., 0] - jnp.take_along_axis(lse, at, axis=1))
+    return (n_acc, out, jnp.where(out >= 0, logp, 0.0), nan), path
+
+  along = lambda feats, path: jax.tree.map(
+      lambda x: jnp.take_along_axis(x, jnp.maximum(path, 0).reshape(path.shape + (1,) * (x.ndim - 2)), axis=1), feats)
+  if len(sizes) == 1:
+    logits, written, feats = module(jnp.maximum(tokens, 0), pos, cache, tree_mask=jnp.asarray(tree.mask),
+                                    feature_layers=feature_layers)
+    judged, path = judge(logits, N1 - 1)
+  else:
+    def run(n, tokens, cache, q):
+      logits, _, feats = module(jnp.maximum(tokens[:, :n + 1], 0), pos[:, :n + 1], cache,
+                                tree_mask=jnp.asarray(tree.mask[:n + 1, :n + 1]), feature_layers=feature_layers,
+                                write_cache=False)
+      judged, path = judge(logits, n)
+      pad = lambda x: jnp.pad(x, [(0, 0), (0, N1 - 1 - n)] + [(0, 0)] * (x.ndim - 2))
+      return judged, path, jax.tree.map(pad, feats)
+
+    last = jnp.max(jnp.where(tokens[:, 1:] >= 0, jnp.arange(1, N1)[None, :], 0))  # the last node any row has
+    idx = jnp.searchsorted(jnp.asarray(sizes), last)
+    judged, path, feats = jax.lax.switch(idx, [functools.partial(run, n) for n in sizes], tokens, cache, q)
+    new_k, new_v = feats.pop("new_kv")
+    written = cache.replace(k=tuple(cache_write(c, n, cache.lengths) for c, n in zip(cache.k, new_k)),
+                            v=tuple(cache_write(c, n, cache.lengths) for c, n in zip(cache.v, new_v)))
+  written = written.replace(k=tuple(cache_lib.compact(c, path, cache.lengths) for c in written.k),
+                            v=tuple(cache_lib.compact(c, path, cache.lengths) for c in written.v))
+  return judged, written, along(feats, path)
+
+
 def verify_ms(model: Model, drafts: int, context: int, repeats: int, n: int = 8) -> float:
   """One loop step's verify of `drafts` drafts (batch 1, greedy, after `context` cached tokens),
   timed as the loop runs it: a plain step (0 drafts) is the AR step, a drafting one goes through
@@ -313,29 +370,6 @@ def verify_ms(model: Model, drafts: int, context: int, repeats: int, n: int = 8)
 
   from specjax.cost_model import best_ms  # the one timing helper (cost_model imports this module lazily)
   return best_ms(lambda: jax.block_until_ready(run(model.params, cache)), repeats) / n
-
-
-def _verify_tree(module, tokens, cache, feature_layers, tree, mode, q, sampling, keys, check_nan):
-  """Target forward over [last, N tree nodes] (`tree.Tree`: node i at slot length + i and
-  position length + depth(i), seeing the prefix and its ancestors), the tree accept rule,
-  and compaction of the accepted path into contiguous slots: -> (n_acc, out, logp, nan) as
-  `_judge` gives them with k = the tree's depth, the cache, and the features along the path."""
-  B = tokens.shape[0]
-  pos = cache.lengths[:, None] + jnp.asarray(tree.depth, jnp.int32)[None, :]
-  logits, written, feats = module(jnp.maximum(tokens, 0), pos, cache, tree_mask=jnp.asarray(tree.mask),
-                                  feature_layers=feature_layers)
-  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, N+1]; NaN where a node's logits hold one
-  nan = jnp.any(jnp.isnan(lse), axis=1) if check_nan else jnp.zeros((B,), bool)
-  n_acc, path, out = accept_tree(logits, tokens, jnp.asarray(tree.children), q, sampling, keys, mode=mode,
-                                 max_depth=tree.max_depth)
-  at = jnp.maximum(path, 0)  # [B, D+1]: the node whose logits drew each emitted token
-  logp = (jnp.take_along_axis(jnp.take_along_axis(logits, at[:, :, None], axis=1), jnp.maximum(out, 0)[..., None],
-                              axis=-1)[..., 0] - jnp.take_along_axis(lse, at, axis=1))
-  logp = jnp.where(out >= 0, logp, 0.0)
-  written = written.replace(k=tuple(cache_lib.compact(c, path, cache.lengths) for c in written.k),
-                            v=tuple(cache_lib.compact(c, path, cache.lengths) for c in written.v))
-  feats = jax.tree.map(lambda x: jnp.take_along_axis(x, at.reshape(at.shape + (1,) * (x.ndim - 2)), axis=1), feats)
-  return (n_acc, out, logp, nan), written, feats
 
 
 _COMPILED: dict = {}
@@ -466,8 +500,9 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
       cost = CostModel(cm.verify[:nodes + 1], cm.draft)
       if drafter.tree is None:
         policy = dynamic_lib.Policy(cost, verify_sizes(k, dynamic=True))
-      else:  # plain, or the whole tree: its depth k priced as a verify of its nodes
-        policy = dynamic_lib.Policy(cost, (0, k), verify_tokens=(1, nodes + 1))
+      else:  # plain, or the tree: its depth k priced as a verify of its nodes -- or, when the
+        # drafter leaves nodes out and the verify shrinks to what it proposed, of one chain of k
+        policy = dynamic_lib.Policy(cost, (0, k), verify_tokens=(1, (k if drafter.may_pad else nodes) + 1))
     setup_s = time.perf_counter() - t0
   seeds = [seed] * len(ids) if isinstance(seed, (int, np.integer)) else list(seed)
   if len(seeds) != len(ids) or not all(isinstance(s, (int, np.integer)) for s in seeds):

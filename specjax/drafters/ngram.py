@@ -118,18 +118,14 @@ class NGram(Drafter):
       fn = lambda h, n: propose_ngram(h, n, self.k, self.max_n, self.min_n, self.short_k)
       return dstate, jax.vmap(fn)(ctx.history, ctx.length), None
     fn = lambda h, n: propose_ngram_branches(h, n, self.k, self.branches, self.max_n, self.min_n, self.short_k)
-    drafts = jax.vmap(fn)(ctx.history, ctx.length)  # [B, branches, k]
-    branch, depth = _branch_nodes(self.branches, self.k)
-    return dstate, drafts[:, branch, depth], None
+    drafts = jax.vmap(fn)(ctx.history, ctx.length)  # [B, branches, k], best branch first
+    return dstate, drafts.reshape(drafts.shape[0], -1), None  # branch by branch: `_branch_tree`'s order
 
 
 @functools.cache
 def _branch_tree(branches: int, k: int) -> Tree:
-  return Tree.from_paths([(b,) + (0,) * d for b in range(branches) for d in range(k)])
-
-
-@functools.cache
-def _branch_nodes(branches: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """(branch, depth - 1) of each drafted node 1..N of `_branch_tree`, in the tree's node order."""
-  choices = _branch_tree(branches, k).choices[1:]
-  return np.array([c[0] for c in choices]), np.array([len(c) - 1 for c in choices])
+  """`branches` chains of k from the root, numbered branch by branch (node 1 + b*k + d is
+  branch b's depth-d+1 draft): the first j branches are a prefix of the nodes, so a step
+  with fewer branches found verifies only that prefix (decode._verify_tree's sizes)."""
+  parent = [-1] + [0 if d == 0 else 1 + b * k + d - 1 for b in range(branches) for d in range(k)]
+  return Tree.from_parents(np.asarray(parent))
