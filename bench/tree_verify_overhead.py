@@ -74,7 +74,8 @@ def main(argv=None):
     def step_fn(sampling):
       def step(module, cache):
         (n_acc, out, logp, nan), written, feats = decode._verify_tree(
-            module, tokens, cache, (), tree, "topk", None, sampling, keys, True, (tree.num_nodes,))
+            module, tokens, cache, (), jnp.asarray(tree.mask), jnp.asarray(tree.depth), jnp.asarray(tree.children),
+            tree.max_depth, "topk", None, sampling, keys, True, (tree.num_nodes,))
         return logp[0, 0] + n_acc[0] + feats["hidden"][0, 0, 0], written
       return step
 

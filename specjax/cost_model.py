@@ -153,7 +153,8 @@ def propose_ms(model, drafter: Drafter, context: int, repeats: int, n: int = 8) 
       dstate, drafts, _ = drafter.propose(dweights, dstate, ctx, keys, sampling)
       after = Context(history, length + 1, feats, length - 1)
       dstate = drafter.update(dweights, dstate, after, jnp.zeros((1,), jnp.int32))
-      return dstate, acc + jnp.sum(drafts)  # every draft feeds the result (nothing is dead code)
+      # Every draft (and a dynamic tree's parents) feeds the result: nothing is dead code.
+      return dstate, acc + sum(jnp.sum(x) for x in jax.tree.leaves(drafts))
 
     return jax.lax.fori_loop(0, n, body, (dstate, jnp.int32(0)))[1]
 

@@ -28,6 +28,7 @@ from specjax import kernels
 from specjax.kernels import cache_write
 from specjax.models.model import Model
 from specjax.sampling import Sampling
+from specjax.tree import buffers_from_parents
 from specjax.verify import accept_chain, accept_tree
 
 
@@ -176,6 +177,9 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
   k = drafter.k if drafter else 0
   tree = drafter.tree if drafter else None  # a tree drafter: k = its depth, nodes = its size - 1
   nodes = drafter.nodes if drafter else 0
+  # A dynamic tree (EAGLE-2): propose returns (tokens [B, N], parent [B, N+1]), a topology per row.
+  dynamic_tree = tree is not None and tree.is_dynamic
+  parent = None
   feature_layers = drafter.feature_layers if drafter else ()
   policy = static.policy
   if policy is not None:
@@ -208,6 +212,8 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
       if policy is None:
         dstate, drafts, q = propose(s.dstate)
         proposed = jnp.int32(1)
+        if dynamic_tree:
+          drafts, parent = drafts
       else:
         chosen = jnp.where(active, chosen, 0)
         proposed = jnp.any(chosen > 0)
@@ -215,9 +221,11 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
         def skip(d):  # no row verifies a draft: the drafter is not asked
           shapes = jax.eval_shape(propose, d)
           q0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[2])
-          return d, jnp.full((B, nodes), -1, jnp.int32), q0
+          return d, jax.tree.map(lambda x: jnp.full(x.shape, -1, x.dtype), shapes[1]), q0  # tokens (, parent)
 
         dstate, drafts, q = jax.lax.cond(proposed, propose, skip, s.dstate)
+        if dynamic_tree:
+          drafts, parent = drafts
         chosen = policy.trim(chosen, drafts, q)
         keep = (chosen > 0)[:, None] if tree else jnp.arange(k)[None, :] < chosen[:, None]  # a tree: all or none
         drafts = jnp.where(keep, drafts, -1)
@@ -228,9 +236,14 @@ def _loop(static: _Static, params, dweights, state: LoopState, prompt_len, max_n
       dstate, drafts, q, step_sizes = s.dstate, jnp.zeros((B, 0), jnp.int32), None, (0,)
     tokens = jnp.concatenate([last[:, None], drafts], axis=1)
     if tree is not None and not plain:
+      if dynamic_tree:  # per-row topology from this step's parent arrays
+        buffers = buffers_from_parents(parent, tree.width, tree.max_depth)
+      else:
+        buffers = tuple(jnp.asarray(b) for b in (tree.mask, tree.depth, tree.children))
       (n_acc, out, logp, nan), cache, feats = _verify_tree(
-          module, tokens, s.cache, feature_layers, tree, drafter.tree_mode, q, static.sampling,
-          _row_keys(seeds, s.step, 2), static.check_nan, tree_sizes(tree, drafter.may_pad))
+          module, tokens, s.cache, feature_layers, *buffers, tree.max_depth, drafter.tree_mode, q,
+          static.sampling, _row_keys(seeds, s.step, 2), static.check_nan,
+          (tree.num_nodes,) if dynamic_tree else tree_sizes(tree, drafter.may_pad))
       size_idx = jnp.int32(len(step_sizes) - 1)
       verified = jnp.where(jnp.any(drafts >= 0, axis=1), k, 0)  # [B] depths each row had checked
     else:
@@ -297,22 +310,28 @@ def tree_sizes(tree, may_pad: bool) -> tuple[int, ...]:
   return tuple(sorted({n for n in (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48) if n < N} | {N}))
 
 
-def _verify_tree(module, tokens, cache, feature_layers, tree, mode, q, sampling, keys, check_nan, sizes):
-  """Target forward over [last, N tree nodes] (`tree.Tree`: node i at slot length + i and
-  position length + depth(i), seeing the prefix and its ancestors), the tree accept rule,
-  and compaction of the accepted path into contiguous slots: -> (n_acc, out, logp, nan) as
-  `_judge` gives them with k = the tree's depth, the cache, and the features along the path.
-  With several `sizes` (`tree_sizes`), the smallest node prefix covering every row's nodes
-  runs, inside a `lax.switch` that only reads the cache (as `_verify` does for chains)."""
-  N1, D = tree.size, tree.max_depth
-  pos = cache.lengths[:, None] + jnp.asarray(tree.depth, jnp.int32)[None, :]
+def _verify_tree(module, tokens, cache, feature_layers, mask, depth, children, max_depth, mode, q, sampling, keys,
+                 check_nan, sizes):
+  """Target forward over [last, N tree nodes] (node i at slot length + i and position
+  length + depth(i), seeing the prefix and its ancestors), the tree accept rule, and
+  compaction of the accepted path into contiguous slots: -> (n_acc, out, logp, nan) as
+  `_judge` gives them with k = max_depth, the cache, and the features along the path.
+
+  The topology is arrays, shared by all rows (a static `tree.Tree`: mask [N+1, N+1], depth
+  [N+1], children [N+1, W]) or per row (a dynamic tree, `tree.buffers_from_parents`: mask
+  [B, N+1, N+1], depth [B, N+1], children [B, N+1, W]). With several `sizes` (`tree_sizes`),
+  the smallest node prefix covering every row's nodes runs, inside a `lax.switch` that only
+  reads the cache (as `_verify` does for chains)."""
+  N1 = tokens.shape[1]
+  pos = cache.lengths[:, None] + jnp.broadcast_to(depth, tokens.shape).astype(jnp.int32)
 
   def judge(logits, n):
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, n+1]; NaN where a node's logits hold one
     nan = jnp.any(jnp.isnan(lse), axis=1) if check_nan else jnp.zeros(logits.shape[:1], bool)
-    children = np.where(tree.children[:n + 1] <= n, tree.children[:n + 1], -1)  # the prefix's own
-    n_acc, path, out = accept_tree(logits, tokens[:, :n + 1], jnp.asarray(children, jnp.int32),
-                                   None if q is None else q[:, :n + 1], sampling, keys, mode=mode, max_depth=D)
+    kids = children[..., :n + 1, :]
+    kids = jnp.where(kids <= n, kids, -1)  # the prefix's own children
+    n_acc, path, out = accept_tree(logits, tokens[:, :n + 1], kids, None if q is None else q[:, :n + 1], sampling,
+                                   keys, mode=mode, max_depth=max_depth)
     at = jnp.maximum(path, 0)  # [B, D+1]: the node whose logits drew each emitted token
     logp = (jnp.take_along_axis(jnp.take_along_axis(logits, at[:, :, None], axis=1),
                                 jnp.maximum(out, 0)[..., None], axis=-1)[..., 0] - jnp.take_along_axis(lse, at, axis=1))
@@ -321,14 +340,12 @@ def _verify_tree(module, tokens, cache, feature_layers, tree, mode, q, sampling,
   along = lambda feats, path: jax.tree.map(
       lambda x: jnp.take_along_axis(x, jnp.maximum(path, 0).reshape(path.shape + (1,) * (x.ndim - 2)), axis=1), feats)
   if len(sizes) == 1:
-    logits, written, feats = module(jnp.maximum(tokens, 0), pos, cache, tree_mask=jnp.asarray(tree.mask),
-                                    feature_layers=feature_layers)
+    logits, written, feats = module(jnp.maximum(tokens, 0), pos, cache, tree_mask=mask, feature_layers=feature_layers)
     judged, path = judge(logits, N1 - 1)
   else:
     def run(n, tokens, cache, q):
       logits, _, feats = module(jnp.maximum(tokens[:, :n + 1], 0), pos[:, :n + 1], cache,
-                                tree_mask=jnp.asarray(tree.mask[:n + 1, :n + 1]), feature_layers=feature_layers,
-                                write_cache=False)
+                                tree_mask=mask[..., :n + 1, :n + 1], feature_layers=feature_layers, write_cache=False)
       judged, path = judge(logits, n)
       pad = lambda x: jnp.pad(x, [(0, 0), (0, N1 - 1 - n)] + [(0, 0)] * (x.ndim - 2))
       return judged, path, jax.tree.map(pad, feats)

@@ -241,3 +241,44 @@ def children_from_parents(parent: jax.Array, rank: jax.Array, width: int) -> jax
     return flat.reshape(n, width)
 
   return jax.vmap(row)(parent.astype(jnp.int32), rank.astype(jnp.int32))
+
+
+def depth_from_parents(parent: jax.Array, max_depth: int | None = None) -> jax.Array:
+  """Node depths of per-row parent arrays: parent [B, N+1] int32 -> depth [B, N+1] int32.
+
+  The root and absent nodes (parent -1 or out of range) are depth 0; max_depth parent
+  lookups (default N) bound the walk, as in `mask_from_parents`. Traceable.
+  """
+  n = parent.shape[-1]
+  max_depth = n - 1 if max_depth is None else max_depth
+  parent = jnp.where((parent >= 0) & (parent < n), parent, -1).astype(jnp.int32)
+
+  def row(par):
+    cur, depth = par, jnp.zeros((n,), jnp.int32)
+    for _ in range(max_depth):
+      depth = depth + (cur >= 0)
+      cur = jnp.where(cur >= 0, par[jnp.maximum(cur, 0)], -1)
+    return depth
+
+  return jax.vmap(row)(parent)
+
+
+def rank_from_parents(parent: jax.Array) -> jax.Array:
+  """Sibling ranks by node id: parent [B, N+1] int32 -> rank [B, N+1] int32 (root and absent nodes 0).
+
+  rank[b, i] = how many nodes j < i share node i's parent (as `Tree.from_parents` ranks).
+  """
+  n = parent.shape[-1]
+  ids = jnp.arange(n, dtype=jnp.int32)
+  same = (parent[:, :, None] == parent[:, None, :]) & (ids[None, None, :] < ids[None, :, None])  # [B, i, j]
+  return jnp.where(parent >= 0, jnp.sum(same, axis=-1), 0).astype(jnp.int32)
+
+
+def buffers_from_parents(parent: jax.Array, width: int, max_depth: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The per-row buffers a dynamic tree's verify reads, from parent [B, N+1] (root -1, -1 for
+  absent nodes): mask [B, N+1, N+1] bool, depth [B, N+1] int32, children [B, N+1, W] int32 --
+  for a valid parent array the same as `Tree.from_parents(parent[b])`'s mask, depth, children
+  (the latter padded to W sibling slots)."""
+  mask = mask_from_parents(parent, max_depth)
+  depth = depth_from_parents(parent, max_depth)
+  return mask, depth, children_from_parents(parent, rank_from_parents(parent), width)

@@ -11,15 +11,17 @@ KNOWN = ("none", "ngram", "ngram-tree", "draft", "layerskip", "eagle1", "eagle3"
 
 
 def _builders():
-  from specjax.drafters import draft_model, eagle
+  from specjax.drafters import draft_model, eagle, eagle2
   return {"ngram": lambda model, k, **o: NGram(k=k, **o),
           # Prompt lookup as a tree: up to 3 earlier matches' continuations as sibling branches.
           "ngram-tree": lambda model, k, **o: NGram(k=k, **{"branches": 3, **o}),
           "draft": draft_model.make,
-          "eagle1": eagle.make("eagle1"), "eagle3": eagle.make("eagle3"), "mtp": eagle.make("mtp")}
+          "eagle1": eagle.make("eagle1"), "eagle3": eagle.make("eagle3"), "mtp": eagle.make("mtp"),
+          # EAGLE-2: the EAGLE-3 head drafting a dynamic tree, k = its depth.
+          "eagle2": eagle2.make}
 
 
-DEFAULT_K = {"ngram": 5, "ngram-tree": 4, "draft": 3, "eagle1": 5, "eagle3": 5, "eagle2": 5, "mtp": 3, "medusa": 4, "layerskip": 4}
+DEFAULT_K = {"ngram": 5, "ngram-tree": 4, "draft": 3, "eagle1": 5, "eagle3": 5, "eagle2": 4, "mtp": 3, "medusa": 4, "layerskip": 4}
 
 
 def default_k(name: str) -> int:

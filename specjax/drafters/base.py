@@ -6,7 +6,10 @@ pytree of arrays passed to jit as an argument, never baked in as constants):
 
   init(weights, ctx, sampling, max_len)   -> dstate   (ctx.history = padded prompt [B, P])
   propose(weights, dstate, ctx, keys, sampling) -> (dstate, tokens [B, k], q [B, k, V] | None)
-                                                    (a tree drafter: tokens [B, N], q [B, N+1, V] | None)
+                                                    (a tree drafter: tokens [B, N], q [B, N+1, V] | None;
+                                                     a dynamic tree, `tree.is_dynamic`: (tokens [B, N],
+                                                     parent [B, N+1]) in place of tokens, root -1,
+                                                     parents before children, -1 tokens absent)
   update(weights, dstate, ctx, n_acc)     -> dstate   (ctx after the commit)
 
 With dynamic speculation the engine calls propose only on steps where some row verifies
@@ -59,7 +62,8 @@ class Drafter:
   may_pad = False  # True when propose may return fewer than k drafts (-1 padded)
   # A tree drafter (`tree.Tree`, static): propose returns tokens [B, N] for nodes 1..N
   # (-1 = absent) and k is the tree's depth; tree_mode says how children were drawn
-  # (`verify.accept_tree`). None: a chain of k.
+  # (`verify.accept_tree`). A dynamic tree (`Tree.dynamic`) also returns each row's parents.
+  # None: a chain of k.
   tree = None
   tree_mode = "topk"
 

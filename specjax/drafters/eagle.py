@@ -74,10 +74,12 @@ class Eagle(Drafter):
   def _module(self, weights) -> DraftHead:
     return nnx.merge(self.graphdef, weights["head"])
 
-  def _pass(self, module, weights, feat, tokens, positions, dstate, starts):
-    """Block pass over T positions, written at cache slots starts[b] + t."""
+  def _pass(self, module, weights, feat, tokens, positions, dstate, starts, mask=None):
+    """Block pass over T positions, written at cache slots starts[b] + t; mask [B, T, S]
+    (default causal: each position sees every slot before it)."""
     emb = jnp.take(weights["embed"], tokens, axis=0)
-    mask = causal_mask(starts, tokens.shape[1], dstate.k.shape[2])
+    if mask is None:
+      mask = causal_mask(starts, tokens.shape[1], dstate.k.shape[2])
     return module(feat, emb, positions, dstate.k, dstate.v, starts, mask)
 
   def init(self, weights, ctx: Context, sampling, max_len: int):
