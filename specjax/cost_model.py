@@ -34,7 +34,7 @@ import numpy as np
 from specjax.drafters.base import Context, Drafter
 from specjax.sampling import Sampling
 
-FORMAT = 3  # 2: a drafter step is propose + update; 3: verify timed as the loop runs it
+FORMAT = 4  # 2: a drafter step is propose + update; 3: verify timed as the loop runs it; 4: per sampling mode
 K_MAX = 8  # drafts per step the default curve covers (it grows when a drafter needs more)
 CONTEXT = 256  # cached tokens behind every timed forward
 _MEASURED_T = (1, 2, 3, 4, 5, 6)  # timed exactly; beyond these only the last T, in between interpolated
@@ -123,15 +123,16 @@ def forward_ms(model, context: int, T: int, repeats: int, n: int = 16) -> float:
   return best_ms(lambda: jax.block_until_ready(run(model.params, cache)), repeats) / n
 
 
-def propose_ms(model, drafter: Drafter, context: int, repeats: int, n: int = 8) -> float:
-  """One drafter step, `propose` then `update` after a verify of k + 1 tokens (greedy, batch 1,
-  after `context` tokens), timed like `forward_ms`: n steps in one jitted loop that carries the
-  drafter's state."""
+def propose_ms(model, drafter: Drafter, context: int, repeats: int, n: int = 8, sampling: Sampling | None = None) -> float:
+  """One drafter step, `propose` then `update` after a verify of k + 1 tokens (batch 1, after
+  `context` tokens, under `sampling`: greedy by default; sampling makes a learned drafter warp
+  its full-vocabulary q per draft), timed like `forward_ms`: n steps in one jitted loop that
+  carries the drafter's state."""
   k, V = drafter.k, model.config.vocab_size
   max_len = -(-(context + k + 2) // 128) * 128
   prompt = jnp.asarray((np.arange(context) * 7919 % (V - 3) + 3)[None], jnp.int32)
   length = jnp.array([context], jnp.int32)
-  sampling = Sampling()
+  sampling = Sampling() if sampling is None else sampling
 
   @jax.jit
   def init(params, dweights):
@@ -228,9 +229,10 @@ def _read(path: str, key: dict) -> dict | None:
       data = json.load(f)
     if data.get("key") != key:
       raise ValueError("its key differs from this machine's")
-    CostModel(tuple(data["verify"]))
-    if not all(isinstance(v, (int, float)) and v >= 0 for v in data.get("draft", {}).values()):
-      raise ValueError("a draft cost is not a number >= 0")
+    for curve in data["modes"].values():
+      CostModel(tuple(curve["verify"]))
+      if not all(isinstance(v, (int, float)) and v >= 0 for v in curve["draft"].values()):
+        raise ValueError("a draft cost is not a number >= 0")
     return data
   except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
     warnings.warn(f"specjax: cached cost model {path} is unreadable ({e}); measuring it again", stacklevel=3)
@@ -245,42 +247,57 @@ def _write(path: str, data: dict) -> None:
   os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
 
 
-def measure_verify(model, t_max: int, repeats: int = 3, n: int = 4) -> list[float]:
+def measure_verify(model, t_max: int, repeats: int = 3, n: int = 4, sampling: Sampling | None = None) -> list[float]:
   """Verify step ms for T = 1 .. t_max tokens (T - 1 drafts), as the decode loop runs it (accept
   rule and switch included: ~0.1 forward more than a bare forward(3) here, which the policy
   would otherwise leave out): T in _MEASURED_T and t_max timed, the rest interpolated."""
   from specjax.decode import verify_ms  # decode imports this module
   ts = sorted({t for t in _MEASURED_T if t <= t_max} | {t_max})
-  ms = [verify_ms(model, t - 1, CONTEXT, repeats, n) for t in ts]
+  ms = [verify_ms(model, t - 1, CONTEXT, repeats, n, sampling) for t in ts]
   return np.interp(np.arange(1, t_max + 1), ts, ms).tolist()
 
 
 _LOADED: dict = {}
 
 
-def cost_model(model, drafter: Drafter | None = None, *, k_max: int = K_MAX, refresh: bool = False) -> CostModel:
-  """The cost model of this machine for `model` (and `drafter`'s propose), measured on first use
-  (a few seconds per curve, a second per drafter) and cached; see the module docstring.
+def sampling_mode(sampling: Sampling | None) -> str:
+  """What the costs depend on in a policy: greedy, or sampling with its top-k / top-p (the
+  warps over the vocabulary they add), not the temperature."""
+  if sampling is None or sampling.greedy:
+    return "greedy"
+  return f"sampled top_k={sampling.top_k} top_p={sampling.top_p:g}"
+
+
+def cost_model(model, drafter: Drafter | None = None, *, sampling: Sampling | None = None, k_max: int = K_MAX,
+               refresh: bool = False) -> CostModel:
+  """The cost model of this machine for `model` (and `drafter`'s propose) under `sampling`
+  (greedy by default: at T > 0 the accept rule and a learned drafter's q warp the whole
+  vocabulary, which costs more), measured on first use (a few seconds per curve, a second
+  per drafter) and cached; see the module docstring.
 
   k_max: drafts per step the curve must cover (at least the drafter's k); refresh: measure again."""
   k_max = max(k_max, drafter.nodes if drafter is not None else 0)
   key = machine_key(model)
   path = cache_path(model)
+  mode = sampling_mode(sampling)
+  sampling = None if mode == "greedy" else sampling
   dkey = drafter_key(drafter) if drafter is not None else None
-  memo = (path, dkey, k_max)
+  memo = (path, mode, dkey, k_max)
   if not refresh and memo in _LOADED:
     return _LOADED[memo]
   data = None if refresh else _read(path, key)
+  data = data or {"key": key, "modes": {}}
   dirty = False
-  if data is None or len(data["verify"]) < k_max + 1:
-    fwd = measure_verify(model, k_max + 1)
-    data = {"key": key, "verify_ms": fwd, "verify": list(monotone_curve(fwd)), "draft": {}}
+  curve = data["modes"].get(mode)
+  if curve is None or len(curve["verify"]) < k_max + 1:
+    fwd = measure_verify(model, k_max + 1, sampling=sampling)
+    curve = data["modes"][mode] = {"verify_ms": fwd, "verify": list(monotone_curve(fwd)), "draft": {}}
     dirty = True
-  if dkey is not None and dkey not in data["draft"]:
-    data["draft"][dkey] = propose_ms(model, drafter, CONTEXT, repeats=3) / data["verify_ms"][0]
+  if dkey is not None and dkey not in curve["draft"]:
+    curve["draft"][dkey] = propose_ms(model, drafter, CONTEXT, repeats=3, sampling=sampling) / curve["verify_ms"][0]
     dirty = True
   if dirty:
     _write(path, data)
-  cm = CostModel(tuple(data["verify"]), data["draft"][dkey] if dkey is not None else 0.0)
+  cm = CostModel(tuple(curve["verify"]), curve["draft"][dkey] if dkey is not None else 0.0)
   _LOADED[memo] = cm
   return cm

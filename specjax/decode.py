@@ -361,8 +361,9 @@ def _verify_tree(module, tokens, cache, feature_layers, mask, depth, children, m
   return judged, written, along(feats, path)
 
 
-def verify_ms(model: Model, drafts: int, context: int, repeats: int, n: int = 8) -> float:
-  """One loop step's verify of `drafts` drafts (batch 1, greedy, after `context` cached tokens),
+def verify_ms(model: Model, drafts: int, context: int, repeats: int, n: int = 8,
+              sampling: Sampling | None = None) -> float:
+  """One loop step's verify of `drafts` drafts (batch 1, greedy unless `sampling`, after `context` cached tokens),
   timed as the loop runs it: a plain step (0 drafts) is the AR step, a drafting one goes through
   the verify switch (written-after K/V, features padded) and the accept rule; n steps in one
   jitted loop that carries the cache. The cost model's curve is made of these."""
@@ -380,7 +381,7 @@ def verify_ms(model: Model, drafts: int, context: int, repeats: int, n: int = 8)
     def body(_, carry):
       cache, acc = carry
       (n_acc, out, logp, nan), written, feats, _ = _verify(
-          module, tokens, pos, cache, (), sizes, tokens[:, 1:], None, Sampling(), keys, True)
+          module, tokens, pos, cache, (), sizes, tokens[:, 1:], None, sampling or Sampling(), keys, True)
       return written.replace(lengths=cache.lengths), acc + logp[0, 0] + n_acc[0] + feats["hidden"][0, 0, 0]
 
     return jax.lax.fori_loop(0, n, body, (cache, jnp.float32(0)))[1]
@@ -512,7 +513,7 @@ def generate(model: Model, prompts, drafter: Drafter | None = None, sampling: Sa
         raise ValueError(f"dynamic policy sizes={policy.sizes}: a tree drafter verifies its whole tree or "
                          f"nothing, sizes=(0, {k})")
     else:
-      cm = cost_model(model, drafter) if dynamic is True else dynamic
+      cm = cost_model(model, drafter, sampling=sampling) if dynamic is True else dynamic
       cm.check_k(nodes)
       cost = CostModel(cm.verify[:nodes + 1], cm.draft)
       if drafter.tree is None:

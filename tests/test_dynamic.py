@@ -90,11 +90,25 @@ def test_drafter_cost_is_measured_once_per_drafter(cache, model, monkeypatch):
   cm = sj.cost_model(model, d)
   assert cm.draft > 0
   data = json.load(open(cm_lib.cache_path(model)))
-  assert list(data["draft"]) == [cm_lib.drafter_key(d)]
+  assert list(data["modes"]["greedy"]["draft"]) == [cm_lib.drafter_key(d)]
   monkeypatch.setattr(cm_lib, "_LOADED", {})
   monkeypatch.setattr(cm_lib, "propose_ms", lambda *a, **k: pytest.fail("re-measured a cached drafter"))
   assert sj.cost_model(model, d) == cm
   assert cm_lib.drafter_key(d) != cm_lib.drafter_key(DRAFTERS["ngram"](model))
+
+
+def test_sampling_is_priced_apart_from_greedy(cache, model, monkeypatch):
+  d = DRAFTERS["eagle3"](model)
+  greedy = sj.cost_model(model, d)
+  sampled = sj.cost_model(model, d, sampling=sj.Sampling(temperature=1.0, top_p=0.9))
+  data = json.load(open(cm_lib.cache_path(model)))
+  assert set(data["modes"]) == {"greedy", "sampled top_k=0 top_p=0.9"}
+  assert sampled.draft > greedy.draft  # q over the whole vocabulary, warped per draft
+  # The temperature does not change the price: the same entry, nothing re-measured.
+  monkeypatch.setattr(cm_lib, "_LOADED", {})
+  monkeypatch.setattr(cm_lib, "propose_ms", lambda *a, **k: pytest.fail("re-measured"))
+  monkeypatch.setattr(cm_lib, "measure_verify", lambda *a, **k: pytest.fail("re-measured"))
+  assert sj.cost_model(model, d, sampling=sj.Sampling(temperature=0.5, top_p=0.9)) == sampled
 
 
 def test_cache_file_is_keyed_by_cpu_isa_sources_and_model(cache, model, monkeypatch):
@@ -126,7 +140,7 @@ def test_corrupt_cache_warns_and_is_rebuilt(cache, model, junk):
   with pytest.warns(UserWarning, match="unreadable.*measuring it again"):
     cm = sj.cost_model(model)
   assert cm.verify[0] == 1.0
-  assert json.load(open(path))["verify"] == list(cm.verify)
+  assert json.load(open(path))["modes"]["greedy"]["verify"] == list(cm.verify)
 
 
 # ----------------------------------------------------------------------------------------------
