@@ -98,17 +98,25 @@ def test_drafter_cost_is_measured_once_per_drafter(cache, model, monkeypatch):
 
 
 def test_sampling_is_priced_apart_from_greedy(cache, model, monkeypatch):
+  """Greedy and sampled policies get their own curve and drafter price, each measured under
+  its own sampling (on the real model a sampled propose warps a 49k-wide q per draft)."""
   d = DRAFTERS["eagle3"](model)
+  seen = []
+  real_propose, real_verify = cm_lib.propose_ms, cm_lib.measure_verify
+  monkeypatch.setattr(cm_lib, "propose_ms", lambda *a, **k: seen.append(("propose", k["sampling"])) or real_propose(*a, **k))
+  monkeypatch.setattr(cm_lib, "measure_verify", lambda *a, **k: seen.append(("verify", k["sampling"])) or real_verify(*a, **k))
+  top_p = sj.Sampling(temperature=1.0, top_p=0.9)
   greedy = sj.cost_model(model, d)
-  sampled = sj.cost_model(model, d, sampling=sj.Sampling(temperature=1.0, top_p=0.9))
+  sampled = sj.cost_model(model, d, sampling=top_p)
+  assert seen == [("verify", None), ("propose", None), ("verify", top_p), ("propose", top_p)]
   data = json.load(open(cm_lib.cache_path(model)))
   assert set(data["modes"]) == {"greedy", "sampled top_k=0 top_p=0.9"}
-  assert sampled.draft > greedy.draft  # q over the whole vocabulary, warped per draft
+  assert data["modes"]["greedy"]["verify"] == list(greedy.verify)
+  assert data["modes"]["sampled top_k=0 top_p=0.9"]["verify"] == list(sampled.verify)
   # The temperature does not change the price: the same entry, nothing re-measured.
   monkeypatch.setattr(cm_lib, "_LOADED", {})
-  monkeypatch.setattr(cm_lib, "propose_ms", lambda *a, **k: pytest.fail("re-measured"))
-  monkeypatch.setattr(cm_lib, "measure_verify", lambda *a, **k: pytest.fail("re-measured"))
   assert sj.cost_model(model, d, sampling=sj.Sampling(temperature=0.5, top_p=0.9)) == sampled
+  assert len(seen) == 4
 
 
 def test_cache_file_is_keyed_by_cpu_isa_sources_and_model(cache, model, monkeypatch):
